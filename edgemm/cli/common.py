@@ -1,0 +1,67 @@
+"""Helpers shared by CLI commands: error reporting, logging set-up and output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import typer
+from rich.console import Console
+
+from edgemm.errors import EdgemmError
+
+console = Console()
+err_console = Console(stderr=True)
+
+_state = {"verbose": False}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def configure_logging(verbose: bool) -> None:
+    _state["verbose"] = verbose
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def is_verbose() -> bool:
+    return _state["verbose"]
+
+
+def report_errors(command: F) -> F:
+    """Turn an `EdgemmError` into one `error:` line and its exit code; other errors too, unless --verbose."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except EdgemmError as error:
+            if is_verbose():
+                raise
+            err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=error.exit_code) from None
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as error:
+            if is_verbose():
+                raise
+            err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(code=130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a temp file in the same folder, then rename."""
+    from edgemm.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
