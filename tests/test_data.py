@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from edgemm.data.augment import Augmenter, mirror_caption
 from edgemm.data.captions import import_captions, load_captions_csv
 from edgemm.data.matching import group_by_image, make_matching_pairs, normalize_text
 from edgemm.data.records import Record, load_dataset, write_dataset
@@ -349,3 +350,132 @@ def test_flickr_folder_counts(flickr_dir: Path):
     groups = group_by_image(records)
     assert len(groups) == 875
     assert all(len(captions) == 5 for captions in groups.values())
+
+
+# Augmentation
+
+
+def _two_color_image(size=(64, 48)) -> Image.Image:
+    """Red left half, blue right half."""
+    image = Image.new("RGB", size, (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, size[0] // 2, size[1]))
+    return image
+
+
+def _left_is_red(image: Image.Image) -> bool:
+    red, _, blue = image.getpixel((2, image.height // 2))
+    return red > blue
+
+
+def test_augmenter_keeps_size_and_mode():
+    augmenter = Augmenter(seed=0)
+    for size in ((64, 48), (31, 77)):
+        image, text = augmenter(Image.new("L", size, 128), "a grey picture")
+        assert image.size == size
+        assert image.mode == "RGB"
+        assert text == "a grey picture"
+
+
+def test_augmenter_swaps_left_right_with_flip():
+    # No crop, rotation or jitter, so the only change is the flip.
+    augmenter = Augmenter(seed=1, min_scale=1.0, max_rotation=0.0, brightness=0.0, contrast=0.0, saturation=0.0)
+    flips = 0
+    for _ in range(40):
+        image, text = augmenter(_two_color_image(), "a red area left of a blue area")
+        if _left_is_red(image):
+            assert text == "a red area left of a blue area"
+        else:
+            assert text == "a red area right of a blue area"
+            flips += 1
+    assert 5 < flips < 35
+
+
+def test_augmenter_skips_flip_for_verb_left():
+    augmenter = Augmenter(seed=2, min_scale=1.0, max_rotation=0.0, flip_probability=1.0)
+    for _ in range(10):
+        image, text = augmenter(_two_color_image(), "the red team has left the blue team")
+        assert _left_is_red(image)
+        assert text == "the red team has left the blue team"
+
+
+def test_augmenter_deterministic_per_seed():
+    image = _two_color_image()
+    first = [Augmenter(seed=4)(image, "left")[0].tobytes() for _ in range(2)]
+    assert first[0] == first[1]
+    assert Augmenter(seed=5)(image, "left")[0].tobytes() != first[0]
+
+
+def test_augmenter_keeps_hue():
+    augmenter = Augmenter(seed=3, min_scale=1.0, max_rotation=0.0, flip_probability=0.0)
+    for _ in range(20):
+        image, _ = augmenter(Image.new("RGB", (32, 32), (200, 40, 40)), "a red square")
+        red, green, blue = image.getpixel((16, 16))
+        assert red > green
+        assert red > blue
+
+
+def test_mirror_caption_cases():
+    cases = {
+        "a cat on the Left of a dog": "a cat on the Right of a dog",
+        "the leftmost boy raises his right hand": "the rightmost boy raises his left hand",
+        "leftover pizza": "leftover pizza",
+        "a man walking right now": None,
+        "she has left the room": None,
+        "a dog": "a dog",
+    }
+    for text, expected in cases.items():
+        assert mirror_caption(text) == expected, text
+
+
+def test_augmenter_rejects_bad_options():
+    with pytest.raises(ConfigError, match="scale"):
+        Augmenter(min_scale=0.0)
+    with pytest.raises(ConfigError, match="brightness"):
+        Augmenter(brightness=1.5)
+
+
+# CLI
+
+
+def _run_cli(*args: str):
+    from typer.testing import CliRunner
+
+    from edgemm.cli.main import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_synth_info_import(tmp_path: Path, captions_folder: Path):
+    out = tmp_path / "scenes"
+    result = _run_cli("data", "synth", str(out), "--n", "12", "--seed", "1", "--image-size", "48")
+    assert result.exit_code == 0, result.output
+    assert len(load_dataset(out)) == 12
+
+    json_path = tmp_path / "info.json"
+    result = _run_cli("data", "info", str(out), "--rows", "2", "--json", str(json_path))
+    assert result.exit_code == 0, result.output
+    assert "images/000000.png" in result.output
+    counts = {row["split"]: row["records"] for row in json.loads(json_path.read_text())["splits"]}
+    assert counts == {"dev": 2, "train": 10, "all": 12}
+
+    imported = tmp_path / "imported"
+    result = _run_cli("data", "import-captions", str(captions_folder / "captions.csv"), "--out", str(imported))
+    assert result.exit_code == 0, result.output
+    assert len(load_dataset(imported)) == 8
+
+
+def test_cli_data_error_is_one_line(tmp_path: Path):
+    result = _run_cli("data", "info", str(tmp_path / "missing"))
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1
+    assert lines[0].startswith("error:")
+    assert "missing" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_cli_help_for_each_command():
+    for command in ("synth", "import-captions", "info"):
+        result = _run_cli("data", command, "--help")
+        assert result.exit_code == 0, command
+        assert "Usage" in result.output

@@ -67,7 +67,7 @@ def load_captions_csv(csv_path: Path | str, images_dir: Path | str | None = None
 
     if not records:
         raise DataError(f"Captions file {csv_path} has a header but no rows.", "Add one row per caption.")
-    check_images_exist(records, csv_path)
+    check_images_exist(records, csv_path, f"Check the image paths, which are relative to {images_root}.")
     logger.info("Read %d captions of %d images from %s", len(records), len({r.image for r in records}), csv_path)
     return records
 

@@ -220,14 +220,18 @@ def resolve_image(root: Path, relative: str, where: str) -> Path:
         raise DataError(f"Image path {relative!r} on {where} points outside {root.resolve()}.", error.hint) from None
 
 
-def check_images_exist(records: list[Record], source: Path) -> None:
+def check_images_exist(
+    records: list[Record],
+    source: Path,
+    hint: str = "Check the image paths, which are relative to the folder of the records file.",
+) -> None:
     """Raise `DataError` naming the first missing image and how many are missing."""
     missing = sorted({str(record.image) for record in records if not record.image.is_file()})
     if missing:
         others = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise DataError(
             f"Image file {missing[0]}{others} listed in {source} not found.",
-            "Check the image paths, which are relative to the folder of the records file.",
+            hint,
         )
 
 
@@ -269,7 +273,7 @@ def write_dataset(folder: Path | str, records: Iterable[Record]) -> Path:
         raise DataError(f"No records to write to {folder}.", "Pass at least one record.")
     path = folder / RECORDS_JSONL
     atomic_write_text(path, "\n".join(lines) + "\n")
-    logger.info("Wrote %d records to %s", len(lines), path)
+    logger.debug("Wrote %d records to %s", len(lines), path)
     return path
 
 
