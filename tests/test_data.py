@@ -479,3 +479,61 @@ def test_cli_help_for_each_command():
         result = _run_cli("data", command, "--help")
         assert result.exit_code == 0, command
         assert "Usage" in result.output
+
+
+# Torch datasets
+
+
+@pytest.fixture()
+def preprocessor(tmp_path: Path):
+    from edgemm.data.synthetic import caption_words
+    from edgemm.runtime.preprocess import Preprocessor
+    from edgemm.runtime.spec import ImageSpec, InputSpec
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *caption_words()]) + "\n", encoding="utf-8")
+    return Preprocessor(InputSpec(image=ImageSpec(resize=40, crop=32)), vocab)
+
+
+def test_pair_dataset_matches_preprocessor(tmp_path: Path, preprocessor):
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    from edgemm.data.synthetic import generate_scenes
+    from edgemm.data.torch_data import PairDataset
+
+    records = make_matching_pairs(generate_scenes(tmp_path / "scenes", 6, image_size=48), seed=0)
+    dataset = PairDataset(records, preprocessor)
+    batch = next(iter(DataLoader(dataset, batch_size=5, collate_fn=dataset.collate)))
+
+    expected_text = preprocessor.texts([record.text for record in records[:5]], padding="longest")
+    expected_pixels = preprocessor.images([record.image for record in records[:5]])["pixel_values"]
+    assert batch["input_ids"].dtype == torch.int64
+    assert np.array_equal(batch["input_ids"].numpy(), expected_text["input_ids"])
+    assert np.array_equal(batch["attention_mask"].numpy(), expected_text["attention_mask"])
+    assert np.array_equal(batch["pixel_values"].numpy(), expected_pixels)
+    assert batch["pixel_values"].shape == (5, 3, 32, 32)
+    assert batch["label"].tolist() == [record.label for record in records[:5]]
+
+
+def test_pair_dataset_with_augmenter(tmp_path: Path, preprocessor):
+    from edgemm.data.synthetic import generate_scenes
+    from edgemm.data.torch_data import PairDataset
+
+    records = generate_scenes(tmp_path / "scenes", 4, image_size=48)
+    plain = PairDataset(records, preprocessor)
+    augmented = PairDataset(records, preprocessor, augment=Augmenter(seed=0))
+    item = augmented[0]
+    assert item["pixel_values"].shape == (3, 32, 32)
+    assert item["label"].item() == 1
+    assert not bool((item["pixel_values"] == plain[0]["pixel_values"]).all())
+
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        augmented, batch_size=2, num_workers=1, worker_init_fn=PairDataset.seed_worker, collate_fn=augmented.collate
+    )
+    assert next(iter(loader))["pixel_values"].shape == (2, 3, 32, 32)
+    with pytest.raises(DataError):
+        PairDataset([], preprocessor)
