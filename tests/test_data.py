@@ -13,7 +13,7 @@ from edgemm.data.augment import Augmenter, mirror_caption
 from edgemm.data.captions import import_captions, load_captions_csv
 from edgemm.data.matching import group_by_image, make_matching_pairs, normalize_text
 from edgemm.data.records import Record, load_dataset, write_dataset
-from edgemm.errors import ConfigError, DataError
+from edgemm.errors import ConfigError, DataError, EdgemmError
 
 
 def _write_image(path: Path, color=(200, 30, 30), size=(40, 30)) -> None:
@@ -227,7 +227,7 @@ def test_import_captions_links_images(captions_folder: Path, tmp_path: Path):
     assert all(record.image.is_relative_to(out.resolve()) for record in records)
     # Same file system here, so the image is a hard link to the original.
     assert (out / "images" / "0.jpg").stat().st_ino == (captions_folder / "images" / "0.jpg").stat().st_ino
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(EdgemmError, match="already exists"):
         import_captions(captions_folder / "captions.csv", out)
 
 
@@ -537,3 +537,12 @@ def test_pair_dataset_with_augmenter(tmp_path: Path, preprocessor):
     assert next(iter(loader))["pixel_values"].shape == (2, 3, 32, 32)
     with pytest.raises(DataError):
         PairDataset([], preprocessor)
+
+
+def test_load_from_file_paths(jsonl_dataset: Path, captions_folder: Path):
+    assert load_dataset(jsonl_dataset / "records.jsonl") == load_dataset(jsonl_dataset)
+    assert load_dataset(captions_folder / "captions.csv") == load_dataset(captions_folder)
+    other = jsonl_dataset / "notes.txt"
+    other.write_text("hello")
+    with pytest.raises(DataError, match="notes.txt"):
+        load_dataset(other)

@@ -81,7 +81,9 @@ def import_captions_command(
 @data_app.command("info")
 @report_errors
 def info_command(
-    folder: Path = typer.Argument(..., help="Dataset folder (records.jsonl, records.csv or captions.csv).", show_default=False),
+    folder: Path = typer.Argument(
+        ..., help="Dataset folder (with records.jsonl, records.csv or captions.csv) or one such file.", show_default=False
+    ),
     split: Optional[str] = typer.Option(None, "--split", help="Show only this split."),
     rows: int = typer.Option(5, "--rows", help="Number of example records to show."),
     check_images: bool = typer.Option(False, "--check-images", help="Also decode every image to find corrupt files."),
@@ -96,7 +98,7 @@ def info_command(
     examples = Table(title=f"First {min(rows, len(records))} records")
     for column in ("image", "text", "label", "split", "negatives"):
         examples.add_column(column, overflow="fold")
-    root = folder.resolve()
+    root = folder.resolve() if folder.is_dir() else folder.resolve().parent
     for record in records[: max(rows, 0)]:
         image = record.image.relative_to(root) if record.image.is_relative_to(root) else record.image
         label = "" if record.label is None else str(record.label)

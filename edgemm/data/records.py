@@ -44,41 +44,65 @@ class Record:
     negatives: tuple[str, ...] = field(default=())
 
 
-def load_dataset(folder: Path | str, split: str | None = None, check_images: bool = False) -> list[Record]:
-    """Load the records of a dataset folder, keeping only `split` when given.
+def load_dataset(path: Path | str, split: str | None = None, check_images: bool = False) -> list[Record]:
+    """Load the records of a dataset folder (or of one records or captions file), keeping only `split` when given.
 
-    Reads `records.jsonl`, else `records.csv`, else `captions.csv` (images under `images/`).
-    Every image must exist; `check_images=True` also decodes each one with Pillow.
-    Raises `DataError` naming the file, line or column at fault.
+    A folder is read from `records.jsonl`, else `records.csv`, else `captions.csv` (images under
+    `images/`). A `.jsonl` file is read as records; a `.csv` file as captions when it has a
+    `caption` column, else as records. Every image must exist; `check_images=True` also
+    decodes each one with Pillow. Raises `DataError` naming the file, line or column at fault.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
+    path = Path(path)
+    if path.is_file():
+        records = _read_file(path)
+    elif path.is_dir():
+        records = _read_folder(path)
+    else:
         raise DataError(
-            f"Dataset folder {folder} not found.",
+            f"Dataset folder {path} not found.",
             f"Pass a folder that contains {RECORDS_JSONL}, {RECORDS_CSV} or {CAPTIONS_CSV}.",
         )
 
-    if (folder / RECORDS_JSONL).is_file():
-        records = read_records_jsonl(folder / RECORDS_JSONL)
-    elif (folder / RECORDS_CSV).is_file():
-        records = read_records_csv(folder / RECORDS_CSV)
-    elif (folder / CAPTIONS_CSV).is_file():
-        from edgemm.data.captions import load_captions_csv
-
-        records = load_captions_csv(folder / CAPTIONS_CSV)
-    else:
-        raise DataError(
-            f"No {RECORDS_JSONL}, {RECORDS_CSV} or {CAPTIONS_CSV} found in {folder}.",
-            "Create one with `edgemm data import-captions` or `edgemm data synth`.",
-        )
-
     if not records:
-        raise DataError(f"Dataset {folder} contains no records.", "Add at least one record.")
+        raise DataError(f"Dataset {path} contains no records.", "Add at least one record.")
     if check_images:
         check_image_files(records)
     if split is not None:
-        records = select_split(records, split, source=folder)
+        records = select_split(records, split, source=path)
     return records
+
+
+def _read_folder(folder: Path) -> list[Record]:
+    if (folder / RECORDS_JSONL).is_file():
+        return read_records_jsonl(folder / RECORDS_JSONL)
+    if (folder / RECORDS_CSV).is_file():
+        return read_records_csv(folder / RECORDS_CSV)
+    if (folder / CAPTIONS_CSV).is_file():
+        from edgemm.data.captions import load_captions_csv
+
+        return load_captions_csv(folder / CAPTIONS_CSV)
+    raise DataError(
+        f"No {RECORDS_JSONL}, {RECORDS_CSV} or {CAPTIONS_CSV} found in {folder}.",
+        "Create one with `edgemm data import-captions` or `edgemm data synth`.",
+    )
+
+
+def _read_file(path: Path) -> list[Record]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return read_records_jsonl(path)
+    if suffix == ".csv":
+        with path.open("r", encoding="utf-8", newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if "caption" in header:
+            from edgemm.data.captions import load_captions_csv
+
+            return load_captions_csv(path)
+        return read_records_csv(path)
+    raise DataError(
+        f"Dataset file {path} is neither .jsonl nor .csv.",
+        f"Pass a dataset folder, a {RECORDS_JSONL} file or a CSV file.",
+    )
 
 
 def select_split(records: list[Record], split: str, source: Path | str = "the dataset") -> list[Record]:
