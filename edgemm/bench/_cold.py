@@ -1,0 +1,147 @@
+"""Cold start: time a fresh process from its start to the first result of a model package.
+
+The parent (`measure_cold_starts`) starts `python -m edgemm.bench._cold PKG ...` several times
+with the thread variables set, and the child reports, as one JSON line on stdout, when each phase
+ended: interpreter start-up, importing the runtime (onnxruntime, numpy, Pillow), loading the
+package, and the first end-to-end result on one real input. The child also reports its peak
+resident memory.
+
+The module's top level imports only the standard library, so the import phase of the child
+measures the runtime's own imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+PHASES = ("interpreter_ms", "import_ms", "load_ms", "first_result_ms", "total_ms")
+
+# A cold start of a large model on a slow device can take a while, but not this long.
+CHILD_TIMEOUT_S = 600
+
+_MODULE_STARTED = time.time()
+
+
+def measure_cold_starts(
+    package_dir: Path,
+    threads: int,
+    runs: int,
+    dataset: Path | None = None,
+    allow_spinning: bool = False,
+    on_run: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Start `runs` fresh processes on the package and summarise their phases and peak memory.
+
+    Raises `PackageError` when a child process fails, with the last lines of its stderr.
+    """
+    from edgemm.bench.measure import thread_environment
+
+    env = dict(os.environ)
+    env.update(thread_environment(threads))
+    records = []
+    for _ in range(runs):
+        records.append(_run_child(package_dir, threads, dataset, allow_spinning, env))
+        if on_run is not None:
+            on_run()
+    return {
+        "threads": threads,
+        "batch_size": 1,
+        "thread_environment": thread_environment(threads),
+        "runs": records,
+        "summary": _summarise(records) if records else None,
+        "peak_rss_bytes": max((r["peak_rss_bytes"] for r in records if r["peak_rss_bytes"] is not None), default=None),
+    }
+
+
+def _run_child(package_dir: Path, threads: int, dataset: Path | None, allow_spinning: bool, env: dict[str, str]) -> dict[str, Any]:
+    from edgemm.errors import PackageError
+
+    command = [sys.executable, "-m", "edgemm.bench._cold", str(package_dir), "--threads", str(threads)]
+    if dataset is not None:
+        command += ["--dataset", str(dataset)]
+    if allow_spinning:
+        command.append("--allow-spinning")
+    command += ["--spawned-at", repr(time.time())]
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as error:
+        raise PackageError(
+            f"Cold start of {package_dir} timed out after {CHILD_TIMEOUT_S} s.",
+            "Check that the package loads with `edgemm run`; pass --cold-starts 0 to skip this measurement.",
+        ) from error
+    if completed.returncode != 0:
+        tail = " | ".join(completed.stderr.strip().splitlines()[-3:])
+        raise PackageError(
+            f"Cold start of {package_dir} failed with exit code {completed.returncode}: {tail}",
+            "Check that the package loads with `edgemm run`; pass --cold-starts 0 to skip this measurement.",
+        )
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    import statistics
+
+    summary = {}
+    for phase in PHASES:
+        values = [record[phase] for record in records]
+        summary[phase] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return summary
+
+
+def _child(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edgemm.bench._cold")
+    parser.add_argument("package", type=Path)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--dataset", type=Path)
+    parser.add_argument("--allow-spinning", action="store_true")
+    parser.add_argument("--spawned-at", type=float, required=True, help="time.time() of the parent just before it started this process")
+    args = parser.parse_args(argv)
+
+    from edgemm.bench.harness import PackageHarness
+    from edgemm.bench.inputs import load_dataset_inputs, load_sample_inputs
+    from edgemm.bench.measure import process_peak_rss_bytes
+
+    PackageHarness.import_runtime()
+    imported = time.time()
+
+    harness = PackageHarness.open(args.package, threads=args.threads, allow_spinning=args.allow_spinning, verify_checksums=False)
+    loaded = time.time()
+
+    if args.dataset is not None:
+        inputs = load_dataset_inputs(args.dataset, max_pairs=1)
+    else:
+        inputs = load_sample_inputs(harness.manifest)
+    harness.end_to_end(inputs.texts[:1], inputs.images[:1])
+    finished = time.time()
+
+    record = {
+        "interpreter_ms": (_MODULE_STARTED - args.spawned_at) * 1000.0,
+        "import_ms": (imported - _MODULE_STARTED) * 1000.0,
+        "load_ms": (loaded - imported) * 1000.0,
+        "first_result_ms": (finished - loaded) * 1000.0,
+        "total_ms": (finished - args.spawned_at) * 1000.0,
+        "peak_rss_bytes": process_peak_rss_bytes(),
+    }
+    print(json.dumps(record))
+    return 0
+
+
+def _main() -> int:
+    from edgemm.errors import EdgemmError
+
+    try:
+        return _child(sys.argv[1:])
+    except EdgemmError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,384 @@
+"""Tests of `edgemm bench`: real tiny ONNX packages, real onnxruntime sessions, real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgemm.bench.machine import parse_proc_cpuinfo, parse_sysctl
+from edgemm.bench.runner import BenchConfig, run_benchmark
+from edgemm.cli.main import app
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "the", "dog", "cat", "red", "blue", "ball", "runs", "on", "grass", "sky", "in", "green", "square", "circle", "sits"]
+SAMPLE_TEXTS = ["a red ball on the grass", "the dog runs in the green grass", "a blue square", "the cat sits on a red square"]
+SAMPLE_COLOURS = [(200, 30, 30), (30, 160, 40), (40, 60, 200), (220, 220, 40)]
+
+
+def build_tiny_package(folder: Path, precision: str = "fp32", accuracy: float = 0.8, width: int = 16) -> Path:
+    """Export a tiny concat-fusion model to ONNX and write a model package around it.
+
+    precision "int8-dynamic" quantizes the exported graph with onnxruntime's quantize_dynamic.
+    """
+    import torch
+    from PIL import Image, ImageDraw
+    from torch import nn
+
+    from edgemm.runtime.manifest import build_manifest, write_manifest
+    from edgemm.runtime.spec import ImageSpec, InputSpec, TextSpec
+
+    class TinyFusion(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(len(VOCAB), width)
+            self.conv = nn.Conv2d(3, width, 3, stride=2, padding=1)
+            self.head = nn.Sequential(nn.Linear(2 * width, width), nn.ReLU(), nn.Linear(width, 2))
+
+        def forward(self, input_ids, attention_mask, pixel_values):
+            mask = attention_mask.unsqueeze(-1).float()
+            text = (self.embedding(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            image = torch.relu(self.conv(pixel_values)).mean(dim=(2, 3))
+            return self.head(torch.cat([text, image], dim=1))
+
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    (folder / "samples").mkdir()
+    image_names = []
+    for index, colour in enumerate(SAMPLE_COLOURS):
+        image = Image.new("RGB", (64, 48), (250, 250, 250))
+        ImageDraw.Draw(image).ellipse((10 + 4 * index, 8, 40 + 4 * index, 40), fill=colour)
+        name = f"samples/{index}.jpg"
+        image.save(folder / name, quality=90)
+        image_names.append(name)
+
+    spec = InputSpec(text=TextSpec(max_length=16), image=ImageSpec(resize=36, crop=32))
+    torch.manual_seed(0)
+    model = TinyFusion().eval()
+    example = (torch.ones(2, 6, dtype=torch.long), torch.ones(2, 6, dtype=torch.long), torch.zeros(2, 3, 32, 32))
+    fp32_path = folder / ("model.onnx" if precision == "fp32" else "model-fp32.onnx")
+    torch.onnx.export(
+        model,
+        example,
+        str(fp32_path),
+        input_names=["input_ids", "attention_mask", "pixel_values"],
+        output_names=["logits"],
+        dynamic_axes={
+            "input_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "sequence"},
+            "pixel_values": {0: "batch"},
+            "logits": {0: "batch"},
+        },
+        opset_version=18,
+        dynamo=False,
+    )
+    if precision != "fp32":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(fp32_path), str(folder / "model.onnx"), weight_type=QuantType.QInt8)
+        fp32_path.unlink()
+
+    manifest = build_manifest(
+        folder,
+        kind="fusion_classifier",
+        architecture="concat_fusion",
+        graphs={"model": "model.onnx"},
+        input_spec=spec,
+        opset=18,
+        labels=["mismatch", "match"],
+        precision=precision,
+        validation={"accuracy": {"accuracy": accuracy}},
+        samples={"texts": SAMPLE_TEXTS, "images": image_names},
+    )
+    write_manifest(folder, manifest)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("packages")
+    return {
+        "fp32": build_tiny_package(root / "tiny-fp32"),
+        "int8": build_tiny_package(root / "tiny-int8", precision="int8-dynamic", accuracy=0.78),
+    }
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def _write_blocker(folder: Path, blocked: tuple[str, ...]) -> Path:
+    """Write a sitecustomize.py that makes `blocked` top-level modules unimportable.
+
+    Put `folder` on PYTHONPATH and every Python process started with it, children included,
+    raises ImportError on those imports and prints which of them ended up in sys.modules.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        textwrap.dedent(
+            f"""
+            import atexit
+            import sys
+
+            BLOCKED = {blocked!r}
+
+            class BlockHeavyImports:
+                def find_spec(self, name, path=None, target=None):
+                    if name.split(".")[0] in BLOCKED:
+                        raise ImportError(f"{{name}} is blocked in this test")
+                    return None
+
+            sys.meta_path.insert(0, BlockHeavyImports())
+
+            def report_loaded():
+                loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+                sys.stderr.write("blocked modules loaded: " + (",".join(loaded) or "none") + "\\n")
+
+            atexit.register(report_loaded)
+            """
+        ),
+        encoding="utf-8",
+    )
+    return folder
+
+
+def _blocked_env(folder: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(folder), str(REPO_ROOT)])
+    env["COLUMNS"] = "160"
+    return env
+
+
+def test_bench_writes_full_result(packages, tmp_path):
+    out = tmp_path / "results.json"
+    outcome = _invoke(
+        "bench", packages["int8"], "--baseline", packages["fp32"], "--threads", "1,2", "--batch-sizes", "1,8",
+        "--runs", "4", "--warmup", "1", "--cold-starts", "2", "--out", out,
+    )
+    assert outcome.exit_code == 0, outcome.output
+
+    result = json.loads(out.read_text())
+    assert result["format"] == "edgemm-bench"
+    assert result["schema_version"] == 1
+    machine = result["machine"]
+    for key in ("cpu_model", "cores_physical", "cores_logical", "simd", "os", "python", "onnxruntime", "edgemm_version"):
+        assert machine[key], key
+    assert "avx2" in machine["simd"] and "asimddp" in machine["simd"]
+
+    names = [package["name"] for package in result["packages"]]
+    assert names == ["tiny-fp32", "tiny-int8"]
+    fp32, int8 = result["packages"]
+    assert fp32["baseline"] and not int8["baseline"]
+    assert int8["precision"] == "int8-dynamic"
+    assert int8["manifest"]["validation"] == {"accuracy": {"accuracy": 0.78}}
+    assert int8["size"]["model_bytes"] > 0
+
+    settings = {(r["threads"], r["batch_size"], r["mode"]) for r in int8["results"]}
+    assert settings == {(t, b, m) for t in (1, 2) for b in (1, 8) for m in ("end_to_end", "inference")}
+    for row in int8["results"]:
+        latency = row["latency_ms"]
+        assert 0 < latency["min"] <= latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+        assert row["runs"] == 4
+        assert len(row["samples_ms"]) == 4
+        assert row["throughput_per_s"] > 0
+        assert row["speedup_vs_baseline"] > 0
+    end_to_end = [row for row in int8["results"] if row["mode"] == "end_to_end"]
+    assert all(0 <= row["preprocess_share"] <= 1 for row in end_to_end)
+    assert all(row["speedup_vs_baseline"] == 1.0 for row in fp32["results"])
+
+    cold = int8["cold_start"]
+    assert len(cold["runs"]) == 2
+    for phase in ("interpreter_ms", "import_ms", "load_ms", "first_result_ms", "total_ms"):
+        assert cold["summary"][phase]["median"] > 0, phase
+    assert cold["thread_environment"]["OMP_NUM_THREADS"] == "1"
+    assert cold["peak_rss_bytes"] > 10_000_000
+    assert "p50" in outcome.output and "tiny-int8" in outcome.output
+
+
+def test_single_thread_uses_one_core(packages):
+    config = BenchConfig(packages=[packages["fp32"]], threads=[1], batch_sizes=[8], runs=30, warmup=2, cold_starts=0)
+    result = run_benchmark(config)
+
+    for row in result["packages"][0]["results"]:
+        # Other processes can only lower this ratio; above 1.2 means a second busy thread.
+        assert row["cpu_time_ratio"] <= 1.2, row["mode"]
+        assert row["library_thread_limit"] == "threadpoolctl"
+
+
+def test_module_runs_without_torch(packages, tmp_path):
+    blocker = _write_blocker(tmp_path / "blocker", ("torch", "onnx", "onnxscript", "torch_pruning"))
+    out = tmp_path / "results.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "edgemm.bench", str(packages["fp32"]), "--runs", "2", "--warmup", "0",
+         "--cold-starts", "1", "--out", str(out)],
+        capture_output=True, text=True, env=_blocked_env(blocker), timeout=120,
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert "blocked modules loaded: none" in completed.stderr
+    result = json.loads(out.read_text())
+    assert result["packages"][0]["cold_start"]["summary"]["total_ms"]["median"] > 0
+
+
+def _write_dataset(folder: Path, package: Path, layout: str) -> Path:
+    (folder / "images").mkdir(parents=True)
+    for index in range(3):
+        (folder / "images" / f"{index}.jpg").write_bytes((package / "samples" / f"{index}.jpg").read_bytes())
+    texts = ["a red ball", "the green grass", "a blue square"]
+    if layout == "records.jsonl":
+        lines = [json.dumps({"image": f"images/{i}.jpg", "text": text, "label": 1}) for i, text in enumerate(texts)]
+        (folder / "records.jsonl").write_text("\n".join(lines) + "\n")
+    else:
+        rows = ["image,caption,split"] + [f"{i}.jpg,{text},dev" for i, text in enumerate(texts)]
+        (folder / "captions.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["records.jsonl", "captions.csv"])
+def test_dataset_inputs(packages, tmp_path, layout):
+    dataset = _write_dataset(tmp_path / "data", packages["fp32"], layout)
+    config = BenchConfig(packages=[packages["fp32"]], batch_sizes=[2], runs=2, warmup=0, cold_starts=1, dataset=dataset)
+    result = run_benchmark(config)
+
+    assert result["settings"]["inputs"] == {"kind": "dataset", "path": str(dataset), "pairs": 3}
+    assert result["packages"][0]["inputs"]["kind"] == "dataset"
+    assert result["packages"][0]["cold_start"]["summary"] is not None
+
+
+def test_flickr_photos_as_inputs(packages, flickr_dir, tmp_path):
+    out = tmp_path / "results.json"
+    outcome = _invoke("bench", packages["fp32"], "--dataset", flickr_dir, "--batch-sizes", "4", "--runs", "3",
+                      "--warmup", "1", "--cold-starts", "0", "--out", out)
+
+    assert outcome.exit_code == 0, outcome.output
+    result = json.loads(out.read_text())
+    assert result["settings"]["inputs"]["pairs"] == 64
+    assert result["packages"][0]["cold_start"]["summary"] is None
+
+
+def test_time_budget_replaces_runs(packages):
+    config = BenchConfig(packages=[packages["fp32"]], runs=5, warmup=0, time_budget_s=0.05, cold_starts=0, preprocess=False)
+    result = run_benchmark(config)
+
+    rows = result["packages"][0]["results"]
+    assert [row["mode"] for row in rows] == ["inference"]
+    samples = rows[0]["samples_ms"]
+    assert rows[0]["runs"] == len(samples) > 5  # --runs 5 is ignored under a budget
+    # Runs start only while the 50 ms budget lasts, so all but the last run fit in it.
+    assert sum(samples[:-1]) < 50.0
+    assert result["settings"]["runs"] is None
+
+
+def test_missing_package_is_one_error_line(tmp_path):
+    outcome = _invoke("bench", tmp_path / "no-such-package", "--cold-starts", "0", "--out", tmp_path / "r.json")
+
+    assert outcome.exit_code != 0
+    assert "error:" in outcome.output and "not found" in outcome.output
+    assert "Traceback" not in outcome.output
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_damaged_graph_is_one_error_line(packages, tmp_path):
+    from edgemm.runtime.manifest import build_manifest, read_manifest, write_manifest
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in ("vocab.txt", "manifest.json"):
+        (damaged / name).write_bytes((packages["fp32"] / name).read_bytes())
+    (damaged / "model.onnx").write_bytes(b"this is not an onnx graph")
+    original = read_manifest(packages["fp32"])
+    manifest = build_manifest(damaged, kind="fusion_classifier", architecture="concat_fusion", graphs={"model": "model.onnx"},
+                              input_spec=original.input_spec, opset=18, labels=["mismatch", "match"])
+    write_manifest(damaged, manifest)
+
+    outcome = _invoke("bench", damaged, "--cold-starts", "0", "--out", tmp_path / "r.json")
+
+    assert outcome.exit_code != 0
+    assert "onnxruntime cannot load" in outcome.output
+    assert "Traceback" not in outcome.output
+
+
+def test_package_without_samples_needs_dataset(packages, tmp_path):
+    from edgemm.runtime.manifest import read_manifest, write_manifest
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("vocab.txt", "model.onnx"):
+        (bare / name).write_bytes((packages["fp32"] / name).read_bytes())
+    data = dict(read_manifest(packages["fp32"]).data)
+    data["samples"] = {}
+    data["files"] = {name: entry for name, entry in data["files"].items() if not name.startswith("samples/")}
+    write_manifest(bare, data)
+
+    outcome = _invoke("bench", bare, "--cold-starts", "0", "--out", tmp_path / "r.json")
+
+    assert outcome.exit_code != 0
+    assert "--dataset" in outcome.output
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1,0", "eight"])
+def test_invalid_batch_size_rejected(packages, tmp_path, value):
+    outcome = _invoke("bench", packages["fp32"], "--batch-sizes", value, "--out", tmp_path / "r.json")
+
+    assert outcome.exit_code != 0
+    assert "error:" in outcome.output and "--batch-sizes" in outcome.output
+    assert "Traceback" not in outcome.output
+
+
+def test_threads_above_cores_warns_and_runs(packages, tmp_path):
+    from edgemm.bench.machine import usable_core_count
+
+    too_many = usable_core_count() + 1
+    out = tmp_path / "r.json"
+    outcome = _invoke("bench", packages["fp32"], "--threads", str(too_many), "--runs", "2", "--warmup", "0",
+                      "--cold-starts", "0", "--no-preprocess", "--out", out)
+
+    assert outcome.exit_code == 0, outcome.output
+    assert "warning:" in outcome.output and f"--threads {too_many}" in outcome.output
+    result = json.loads(out.read_text())
+    assert result["warnings"] and result["packages"][0]["results"][0]["threads"] == too_many
+
+
+def test_unwritable_output_fails_before_measuring(tmp_path):
+    blocker_file = tmp_path / "a-file"
+    blocker_file.write_text("not a folder")
+    # The package does not exist either: the output check must come first.
+    outcome = _invoke("bench", tmp_path / "no-such-package", "--out", blocker_file / "results.json")
+
+    assert outcome.exit_code != 0
+    assert "output folder" in outcome.output
+    assert "Traceback" not in outcome.output
+
+
+def test_parse_arm_cpuinfo():
+    text = "processor\t: 0\nBogoMIPS\t: 48.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\n"
+    model, simd, source = parse_proc_cpuinfo(text)
+
+    assert source == "/proc/cpuinfo"
+    assert simd["neon"] and simd["asimddp"] and simd["fp16"]
+    assert not simd["avx2"] and not simd["i8mm"]
+    assert model
+
+
+def test_parse_x86_cpuinfo():
+    text = "model name\t: Example CPU @ 2.0GHz\nflags\t\t: fpu sse4_2 avx avx2 avx512f avx512_vnni avx_vnni amx_int8\n"
+    model, simd, _ = parse_proc_cpuinfo(text)
+
+    assert model == "Example CPU @ 2.0GHz"
+    assert simd["avx512_vnni"] and simd["avx_vnni"] and simd["amx_int8"]
+    assert not simd["neon"] and not simd["amx_tile"]
+
+
+def test_parse_macos_sysctl():
+    text = "machdep.cpu.brand_string: Apple M2\nhw.optional.neon: 1\nhw.optional.arm.FEAT_DotProd: 1\nhw.optional.arm.FEAT_FP16: 1\nhw.optional.arm.FEAT_I8MM: 0\n"
+    model, simd, source = parse_sysctl(text)
+
+    assert (model, source) == ("Apple M2", "sysctl")
+    assert simd["neon"] and simd["asimddp"] and simd["fp16"]
+    assert not simd["i8mm"] and not simd["avx2"]
