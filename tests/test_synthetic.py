@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from edgemm.data.augment import Augmenter
 from edgemm.data.matching import make_matching_pairs
 from edgemm.data.records import load_dataset
 from edgemm.data.synthetic import (
@@ -108,7 +109,7 @@ def test_spatial_relation_matches_pixels(scenes_dir: Path):
     assert checked > 50
 
 
-def test_size_words_match_areas(scenes_dir: Path):
+def test_size_words_match_radii(scenes_dir: Path):
     for line in (scenes_dir / "scenes.jsonl").read_text().splitlines()[:80]:
         row = json.loads(line)
         for shape in row["shapes"]:
@@ -172,3 +173,26 @@ def test_caption_words_in_tiny_vocab():
     vocab = set(vocab_path.read_text(encoding="utf-8").split())
     missing = [word for word in caption_words() if word not in vocab]
     assert not missing
+
+
+def test_shapes_reach_central_third(scenes_dir: Path):
+    low, high = 96 / 3, 2 * 96 / 3
+    for line in (scenes_dir / "scenes.jsonl").read_text().splitlines():
+        for shape in json.loads(line)["shapes"]:
+            # Centres and radii are stored rounded to 0.01 pixel.
+            reach = 0.3 * shape["radius"] + 0.01
+            for coordinate in shape["center"]:
+                assert low - reach <= coordinate <= high + reach, shape
+
+
+def test_augmented_scenes_keep_caption_colors(scenes_dir: Path):
+    # No rotation or colour jitter, so solid shape interiors keep their exact colour.
+    augmenter = Augmenter(seed=0, max_rotation=0.0, brightness=0.0, contrast=0.0, saturation=0.0)
+    for line in (scenes_dir / "scenes.jsonl").read_text().splitlines()[:60]:
+        row = json.loads(line)
+        image = Image.open(scenes_dir / row["image"]).convert("RGB")
+        for _ in range(3):
+            augmented, text = augmenter(image, row["caption"])
+            colors = {color for _, color in augmented.getcolors(96 * 96)}
+            for shape in row["shapes"]:
+                assert COLORS[shape["color"]] in colors, (row["image"], shape, text)

@@ -40,10 +40,12 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "star")
 
 # Radius ranges as fractions of the image side. The gap between them keeps "small" and "large"
-# apart even after a 1.3x zoom from a random resized crop that keeps 60 % of the area.
-SIZES: dict[str, tuple[float, float]] = {"small": (0.08, 0.11), "large": (0.17, 0.20)}
+# apart after the strongest zoom of the default `Augmenter` crop: 1.49x along one axis
+# (area 0.6, aspect 3/4), which makes 0.11 at most 0.164.
+SIZES: dict[str, tuple[float, float]] = {"small": (0.08, 0.11), "large": (0.17, 0.19)}
 
-# Each relation and its mirror image. "left of" means the subject lies entirely in the left half.
+# Each relation and its mirror image. The two shapes of a scene lie in opposite halves of the
+# image, so a relation is never borderline.
 RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 BACKGROUNDS = ("plain", "gradient", "stripes", "checker")
@@ -54,6 +56,11 @@ SINGLE_SHAPE_FRACTION = 1 / 3
 # Distance of a shape from the image border and from the centre line, as fractions of the side.
 BORDER_MARGIN = 0.04
 CENTRE_GAP = 0.03
+# Every crop of the default `Augmenter` (area at least 0.6, aspect 3/4 to 4/3) contains the
+# central third of the image on both axes. A shape's centre lies at most CORE_REACH radii
+# outside that third, so a crop always keeps part of every shape and the caption stays true.
+CENTRAL_THIRD = (1 / 3, 2 / 3)
+CORE_REACH = 0.3
 
 
 @dataclass(frozen=True)
@@ -205,7 +212,11 @@ def is_false_for(true_captions: Sequence[str], candidate: str) -> bool:
 
 
 def make_scene(seed: int, index: int, image_size: int = 128) -> Scene:
-    """Build scene `index` of the stream for `seed`: the same on every run and machine."""
+    """Build scene `index` of the stream for `seed`, independent of how many scenes are generated.
+
+    The scene (shapes, positions, captions) is the same on every run and machine. Its pixels
+    also depend on Pillow's drawing code, which may change between Pillow versions.
+    """
     # String seeds hash with SHA-512 in `random.Random`, independent of PYTHONHASHSEED.
     rng = random.Random(f"edgemm-synthetic:{seed}:{index}")
     background = rng.choice(BACKGROUNDS)
@@ -238,17 +249,24 @@ def _random_phrase(rng: random.Random) -> Phrase:
 
 
 def _place(rng: random.Random, phrase: Phrase, image_size: int, cell: tuple[float, float, float, float]) -> Shape:
-    """Place a shape at a random spot of `cell` (fractions of the image) with margins all round."""
+    """Place a shape at a random spot of `cell` (fractions of the image) near the central third."""
     low, high = SIZES[phrase.size]
     radius = rng.uniform(low, high) * image_size
-    left, top, right, bottom = (value * image_size for value in cell)
-    margin_x0 = BORDER_MARGIN if cell[0] == 0.0 else CENTRE_GAP
-    margin_x1 = BORDER_MARGIN if cell[2] == 1.0 else CENTRE_GAP
-    margin_y0 = BORDER_MARGIN if cell[1] == 0.0 else CENTRE_GAP
-    margin_y1 = BORDER_MARGIN if cell[3] == 1.0 else CENTRE_GAP
-    x = rng.uniform(left + radius + margin_x0 * image_size, right - radius - margin_x1 * image_size)
-    y = rng.uniform(top + radius + margin_y0 * image_size, bottom - radius - margin_y1 * image_size)
+    x = rng.uniform(*_centre_range(cell[0], cell[2], radius, image_size))
+    y = rng.uniform(*_centre_range(cell[1], cell[3], radius, image_size))
     return Shape(phrase.size, phrase.color, phrase.shape, (round(x, 2), round(y, 2)), round(radius, 2))
+
+
+def _centre_range(start: float, end: float, radius: float, image_size: int) -> tuple[float, float]:
+    """Return the allowed centre coordinates along one axis of a cell spanning [start, end] (fractions)."""
+    margin_start = BORDER_MARGIN if start == 0.0 else CENTRE_GAP
+    margin_end = BORDER_MARGIN if end == 1.0 else CENTRE_GAP
+    low = start * image_size + radius + margin_start * image_size
+    high = end * image_size - radius - margin_end * image_size
+    low = max(low, CENTRAL_THIRD[0] * image_size - CORE_REACH * radius)
+    high = min(high, CENTRAL_THIRD[1] * image_size + CORE_REACH * radius)
+    # The size ranges and margins above keep low <= high for every cell; min() guards rounding.
+    return min(low, high), high
 
 
 def make_hard_negatives(caption: Caption, shapes: Sequence[Shape], rng: random.Random, count: int) -> list[Caption]:
