@@ -546,3 +546,18 @@ def test_load_from_file_paths(jsonl_dataset: Path, captions_folder: Path):
     other.write_text("hello")
     with pytest.raises(DataError, match="notes.txt"):
         load_dataset(other)
+
+
+def test_csv_with_byte_order_mark(captions_folder: Path):
+    path = captions_folder / "captions.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert len(load_dataset(captions_folder)) == 8
+
+
+def test_non_utf8_file_is_data_error(captions_folder: Path):
+    path = captions_folder / "captions.csv"
+    path.write_bytes(path.read_bytes() + "0.jpg,caf\xe9 latte,train\n".encode("latin-1"))
+    with pytest.raises(DataError) as info:
+        load_dataset(captions_folder)
+    assert "UTF-8" in str(info.value)
+    assert "captions.csv" in str(info.value)

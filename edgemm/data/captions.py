@@ -15,6 +15,7 @@ from edgemm.data.records import (
     parse_split,
     resolve_image,
     check_images_exist,
+    open_text_file,
     require_columns,
     write_dataset,
 )
@@ -44,7 +45,7 @@ def load_captions_csv(csv_path: Path | str, images_dir: Path | str | None = None
     if not images_root.is_dir():
         raise DataError(f"Images folder {images_root} not found.", "Pass the folder that contains the images.")
 
-    with csv_path.open("r", encoding="utf-8", newline="") as handle:
+    with open_text_file(csv_path) as handle:
         reader = csv.DictReader(handle)
         columns = [name for name in (reader.fieldnames or []) if name is not None]
         text_column = "text" if "text" in columns and "caption" not in columns else "caption"

@@ -11,9 +11,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, TextIO
 
 from edgemm.errors import DataError, EdgemmError
 from edgemm.io import atomic_write_text, resolve_inside
@@ -92,7 +93,7 @@ def _read_file(path: Path) -> list[Record]:
     if suffix == ".jsonl":
         return read_records_jsonl(path)
     if suffix == ".csv":
-        with path.open("r", encoding="utf-8", newline="") as handle:
+        with open_text_file(path) as handle:
             header = next(csv.reader(handle), [])
         if "caption" in header:
             from edgemm.data.captions import load_captions_csv
@@ -121,7 +122,7 @@ def read_records_jsonl(path: Path) -> list[Record]:
     """Parse a `records.jsonl` file; image paths resolve inside its folder."""
     path = Path(path)
     records = []
-    with path.open("r", encoding="utf-8") as handle:
+    with open_text_file(path) as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -145,7 +146,7 @@ def read_records_jsonl(path: Path) -> list[Record]:
 def read_records_csv(path: Path) -> list[Record]:
     """Parse a `records.csv` file (columns image,text[,label][,split][,negatives])."""
     path = Path(path)
-    with path.open("r", encoding="utf-8", newline="") as handle:
+    with open_text_file(path) as handle:
         reader = csv.DictReader(handle)
         require_columns(reader.fieldnames, ("image", "text"), path)
         records = []
@@ -157,6 +158,21 @@ def read_records_csv(path: Path) -> list[Record]:
             records.append(_record_from_row(row, path, line_number))
     check_images_exist(records, path)
     return records
+
+
+@contextmanager
+def open_text_file(path: Path) -> Iterator[TextIO]:
+    """Open a UTF-8 file for reading, skipping a byte-order mark as spreadsheet programs write one.
+
+    Decoding and CSV syntax errors raised while the file is read become a `DataError` naming it.
+    """
+    try:
+        with Path(path).open("r", encoding="utf-8-sig", newline="") as handle:
+            yield handle
+    except UnicodeDecodeError as error:
+        raise DataError(f"File {path} is not valid UTF-8 text: {error}.", "Save it with UTF-8 encoding.") from error
+    except csv.Error as error:
+        raise DataError(f"File {path} is not valid CSV: {error}.", "Check the quoting of the rows.") from error
 
 
 def require_columns(found: Iterable[str] | None, required: Iterable[str], path: Path) -> None:
