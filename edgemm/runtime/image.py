@@ -241,7 +241,7 @@ class ImageTransform:
 
     def __call__(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray:
         """Transform one image or a list of images into a float32 array [batch, 3, crop, crop]."""
-        batch = _as_batch(images)
+        batch = image_batch(images)
         if not batch:
             raise InputError("The batch of images is empty.", "Pass at least one image.")
 
@@ -281,7 +281,8 @@ class ImageTransform:
         return image.crop((left, top, left + crop, top + crop))
 
 
-def _as_batch(images: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
+def image_batch(images: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
+    """Return a list of images: one image becomes a list of one, a 4-D uint8 array a list of HWC arrays."""
     if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):
         return [images]
     if isinstance(images, np.ndarray):
