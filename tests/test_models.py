@@ -376,29 +376,74 @@ def test_sync_config_with_explicit_head_counts():
     assert by_module.head_dims == [16, 8]
 
 
-def test_onnx_export_dynamic_sequence(tmp_path):
+def test_text_tower_onnx_dynamic_sequence(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
-    model = tiny_model("concat_fusion")
-    input_ids, attention_mask, pixel_values = make_inputs(length=8)
-    path = tmp_path / "model.onnx"
+    torch.manual_seed(0)
+    tower = TextTower(TextTowerConfig(name="tiny")).eval()
+    input_ids, attention_mask, _ = make_inputs(length=8)
+    path = tmp_path / "text.onnx"
     batch, sequence = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("sequence", min=2, max=512)
     torch.onnx.export(
-        model,
-        (input_ids, attention_mask, pixel_values),
+        tower,
+        (input_ids, attention_mask),
         str(path),
-        input_names=["input_ids", "attention_mask", "pixel_values"],
-        output_names=["logits"],
-        dynamic_shapes={"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}, "pixel_values": {0: batch}},
+        input_names=["input_ids", "attention_mask"],
+        output_names=["tokens", "pooled"],
+        dynamic_shapes={"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}},
         dynamo=True,
     )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for length in (5, 23):
-        input_ids, attention_mask, pixel_values = make_inputs(length=length, seed=length)
+        input_ids, attention_mask, _ = make_inputs(length=length, seed=length)
         with torch.no_grad():
-            expected = model(input_ids, attention_mask, pixel_values).numpy()
-        (actual,) = session.run(
-            None,
-            {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(), "pixel_values": pixel_values.numpy()},
-        )
-        assert actual.shape == (BATCH, 2)
-        assert abs(actual - expected).max() < 1e-4
+            expected_tokens, expected_pooled = tower(input_ids, attention_mask)
+        tokens, pooled = session.run(None, {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})
+        assert tokens.shape == (BATCH, length, 64)
+        assert abs(tokens - expected_tokens.numpy()).max() < 1e-4
+        assert abs(pooled - expected_pooled.numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize("architecture", ["cross_attention", "dual_encoder"])
+def test_torch_pruning_then_rebuild(architecture):
+    tp = pytest.importorskip("torch_pruning")
+    from edgemm.models.fusion import CrossAttentionBlock
+    from edgemm.models.text import SelfAttention
+
+    model = tiny_model(architecture)
+    input_ids, attention_mask, pixel_values = make_inputs()
+    num_heads = {}
+    for module in model.modules():
+        if isinstance(module, (SelfAttention, CrossAttentionBlock)):
+            for linear in (module.query, module.key, module.value):
+                num_heads[linear] = module.num_heads
+    if architecture == "dual_encoder":
+        ignored = [model.text_proj, model.image_proj]
+    else:
+        ignored = [model.classifier.fc2]
+    pruner = tp.pruner.MetaPruner(
+        model,
+        (input_ids, attention_mask, pixel_values),
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=0.25,
+        num_heads=num_heads,
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=0.25,
+        ignored_layers=ignored,
+        output_transform=lambda output: sum(part.sum() for part in outputs_as_tuple(output)),
+    )
+    pruner.step()
+
+    config = model_config(model, pruner.num_heads)
+    assert config["text_tower"]["hidden_size"] == 48
+    assert config["text_tower"]["num_heads"] == [3, 3]
+    assert config["text_tower"]["head_dims"] == [16, 16]
+    assert config["image_tower"]["head_channels"] == 48
+
+    rebuilt = build_model(json.loads(json.dumps(config))).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        expected = outputs_as_tuple(model(input_ids, attention_mask, pixel_values))
+        actual = outputs_as_tuple(rebuilt(input_ids, attention_mask, pixel_values))
+    for a, b in zip(expected, actual):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -37,7 +37,7 @@ PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pth", ".ckpt")
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint; `model` is in eval mode."""
+    """A loaded checkpoint whose `model` is in eval mode."""
 
     model: FusionModel
     config: dict[str, Any]
@@ -142,7 +142,7 @@ def _load_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
             return load_file(str(safetensors_path)), safetensors_path
         except Exception as error:  # safetensors raises SafetensorError, a plain Exception subclass
             raise CheckpointError(
-                f"Cannot read {safetensors_path}: {error}.", "The file is corrupt or truncated; save the checkpoint again."
+                f"Cannot read {safetensors_path}: {error}.", "The file is corrupt or truncated. Save the checkpoint again."
             ) from error
 
     state_dict_path = folder / STATE_DICT_FILE
@@ -152,7 +152,7 @@ def _load_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
         except Exception as error:  # UnpicklingError for pickled objects, RuntimeError/EOFError for corrupt files
             raise CheckpointError(
                 f"Cannot load {state_dict_path} with weights_only=True: {error}.",
-                "Only plain state_dicts of tensors are accepted; convert the weights to model.safetensors.",
+                "Only plain state_dicts of tensors are accepted. Convert the weights to model.safetensors.",
             ) from error
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{state_dict_path} is not a state_dict of tensors.", "Save model.state_dict() instead.")

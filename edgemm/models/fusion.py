@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from edgemm.errors import CompressionError, ConfigError
 from edgemm.models.configs import dataclass_from_dict
 from edgemm.models.image import ImageTower
-from edgemm.models.text import TextTower, masked_mean
+from edgemm.models.text import TextTower, heads_from_mapping, masked_mean, sync_attention_heads
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -76,14 +76,18 @@ class FusionModel(nn.Module):
             "head": asdict(self.head_config),
         }
 
-    def sync_config(self) -> dict[str, Any]:
-        """Re-read all widths (towers and head) from the modules after pruning; return the config."""
-        self.text_tower.sync_config()
+    def sync_config(self, num_heads: Mapping[nn.Module, int] | None = None) -> dict[str, Any]:
+        """Re-read all widths (towers and head) from the modules after pruning and return the config.
+
+        `num_heads` is torch-pruning's `pruner.num_heads` (head count keyed by query/key/value
+        Linear modules). It is needed only when head sizes, not whole heads, were pruned.
+        """
+        self.text_tower.sync_config(num_heads)
         self.image_tower.sync_config()
-        self._sync_head()
+        self._sync_head(num_heads)
         return copy.deepcopy(self.config)
 
-    def _sync_head(self) -> None:
+    def _sync_head(self, num_heads: Mapping[nn.Module, int] | None) -> None:
         raise NotImplementedError
 
 
@@ -140,17 +144,17 @@ class ConcatFusionClassifier(FusionModel):
         return self.image_tower(pixel_values)[1]
 
     def head(self, text_feats: torch.Tensor, attention_mask: torch.Tensor, image_feats: torch.Tensor) -> torch.Tensor:
-        """Return logits [B, num_labels]; `attention_mask` is unused because text is already pooled."""
+        """Return logits [B, num_labels]. `attention_mask` is unused because the text is already pooled."""
         text = self.text_norm(self.text_proj(text_feats))
         image = self.image_norm(self.image_proj(image_feats))
         return self.classifier(torch.cat([text, image, text * image], dim=-1))
 
-    def _sync_head(self) -> None:
+    def _sync_head(self, num_heads: Mapping[nn.Module, int] | None) -> None:
         if self.text_proj.out_features != self.image_proj.out_features:
             raise CompressionError(
                 f"Concat head projections differ after pruning: text {self.text_proj.out_features}, "
                 f"image {self.image_proj.out_features}.",
-                "Prune both projections together; their product needs equal widths.",
+                "Prune both projections together, because their product needs equal widths.",
             )
         self._head_config = replace(
             self._head_config,
@@ -164,7 +168,7 @@ class ConcatFusionClassifier(FusionModel):
 
 @dataclass
 class CrossAttentionHeadConfig:
-    """Widths of the cross-attention head; lists hold one value per cross-attention block.
+    """Widths of the cross-attention head, with one list entry per cross-attention block.
 
     `width` is the token width inside the head and equals the text tower's hidden size, because
     text tokens enter the blocks unchanged. Fields left as None are derived when the model is built.
@@ -223,7 +227,7 @@ class CrossAttentionBlock(nn.Module):
 
 
 class CrossAttentionFusion(FusionModel):
-    """Text tokens attend to image feature-map tokens; the masked mean of the result is classified."""
+    """Classifier in which text tokens attend to image feature-map tokens before masked mean pooling."""
 
     architecture = "cross_attention"
 
@@ -291,24 +295,13 @@ class CrossAttentionFusion(FusionModel):
         pooled = masked_mean(self.norm(text), attention_mask)
         return self.classifier(pooled)
 
-    def _sync_head(self) -> None:
+    def _sync_head(self, num_heads: Mapping[nn.Module, int] | None) -> None:
         heads, head_dims, ffn_dims = [], [], []
         for index, block in enumerate(self.blocks):
-            inner = block.query.out_features
-            if {block.key.out_features, block.value.out_features} != {inner}:
-                raise CompressionError(
-                    f"Cross-attention block {index}: query, key and value widths differ after pruning.",
-                    "Prune query, key and value together.",
-                )
-            count = inner // block.head_dim if inner % block.head_dim == 0 else block.num_heads
-            if inner % count != 0:
-                raise CompressionError(
-                    f"Cross-attention block {index}: width {inner} does not split into {count} heads.",
-                    "Prune whole heads or the same number of channels in every head.",
-                )
-            block.num_heads, block.head_dim = count, inner // count
+            requested = heads_from_mapping(num_heads, block)
+            count, head_dim = sync_attention_heads(block, requested, f"Cross-attention block {index}")
             heads.append(count)
-            head_dims.append(inner // count)
+            head_dims.append(head_dim)
             ffn_dims.append(block.ffn.fc1.out_features)
         self._head_config = replace(
             self._head_config,
@@ -389,12 +382,12 @@ class DualEncoder(FusionModel):
         """Return L2-normalised image embeddings [B, embed_dim]."""
         return self.project_image(self.image_features(pixel_values))
 
-    def _sync_head(self) -> None:
+    def _sync_head(self, num_heads: Mapping[nn.Module, int] | None) -> None:
         if self.text_proj.out_features != self.image_proj.out_features:
             raise CompressionError(
                 f"Dual encoder projections differ after pruning: text {self.text_proj.out_features}, "
                 f"image {self.image_proj.out_features}.",
-                "Prune both projections together or not at all; embeddings must share one space.",
+                "Prune both projections together or not at all, because the embeddings must share one space.",
             )
         self._head_config = replace(
             self._head_config,

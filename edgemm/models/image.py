@@ -88,7 +88,7 @@ def blocks_from_stages(stages: list[tuple[int, int, int, int, int, int]]) -> lis
 class ImageTowerConfig:
     """Every width of an EfficientNet-Lite encoder, block by block.
 
-    `name` is `tiny` or `efficientnet-lite0`; `source` optionally points at a local `.pth`
+    `name` is `tiny` or `efficientnet-lite0`. `source` optionally points at a local `.pth`
     state_dict with the parameter names of efficientnet-lite0. Widths left empty are filled from
     `name` when the config is created.
     """
@@ -179,8 +179,8 @@ def lite0_weights_path() -> Path:
 
 def _same_padding(kernel_size: int, stride: int) -> nn.Module:
     """Return TensorFlow "SAME" padding for even input sizes (stride 2) or any size (stride 1)."""
-    # NOTE: for odd input sizes TensorFlow pads a stride-2 layer symmetrically; this fixed layer
-    # pads as for even sizes, which is exact at 224x224 and every size divisible by 32.
+    # NOTE: for odd input sizes TensorFlow pads a stride-2 layer symmetrically, but this fixed
+    # layer pads as for even sizes, which is exact at 224x224 and every size divisible by 32.
     total = max(kernel_size - stride, 0)
     before, after = total // 2, total - total // 2
     if total == 0:
@@ -272,7 +272,7 @@ class ImageTower(nn.Module):
         return feature_map, pooled
 
     def classify(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Return ImageNet logits [B, 1000]; needs a tower built with `with_classifier=True`."""
+        """Return ImageNet logits [B, 1000] from a tower built with `with_classifier=True`."""
         if self.classifier is None:
             raise ConfigError(
                 "This image tower was built without its ImageNet classifier.",
@@ -286,7 +286,7 @@ class ImageTower(nn.Module):
         blocks = []
         for block, old in zip(self._blocks, self.config.blocks):
             hidden = block._depthwise_conv.out_channels
-            # torch-pruning keeps groups == channels for depthwise convs; set it in case a caller did not.
+            # torch-pruning keeps groups equal to channels in depthwise convs. Manual pruning may not.
             block._depthwise_conv.groups = hidden
             in_channels = block._expand_conv.in_channels if block._expand_conv is not None else hidden
             blocks.append(
@@ -318,7 +318,7 @@ class ImageTower(nn.Module):
         except Exception as error:  # torch raises UnpicklingError, RuntimeError or EOFError here
             raise CheckpointError(
                 f"Cannot load image tower weights {path} with weights_only=True: {error}.",
-                "Provide a plain state_dict of tensors; pickled modules are rejected for safety.",
+                "Provide a plain state_dict of tensors. Pickled modules are rejected because loading them can run code.",
             ) from error
         if not isinstance(state, Mapping):
             raise CheckpointError(f"{path} does not contain a state_dict.", "Save it with torch.save(model.state_dict(), path).")

@@ -82,7 +82,7 @@ def create_model(
     """Create a model of `architecture` on the named towers.
 
     With `pretrained=True`, pretrained towers (`minilm-l6`, `efficientnet-lite0` or local files)
-    load their weights; tiny towers always start from random weights. `num_labels` sets the
+    load their weights. Tiny towers always start from random weights. `num_labels` sets the
     classifier size of the fusion architectures and is ignored by `dual_encoder`. `head_options`
     are fields of the architecture's head config (e.g. `proj_dim`, `num_layers`, `embed_dim`).
     """
@@ -122,14 +122,17 @@ def build_model(config: Mapping[str, Any]) -> FusionModel:
     return model_class(text, image, head_config_from_dict(architecture, head_data))
 
 
-def model_config(model: nn.Module) -> dict[str, Any]:
-    """Sync every width from the modules (after pruning) and return a copy of the model's config."""
+def model_config(model: nn.Module, num_heads: Mapping[nn.Module, int] | None = None) -> dict[str, Any]:
+    """Sync every width from the modules (after pruning) and return a copy of the model's config.
+
+    `num_heads` is torch-pruning's `pruner.num_heads`, as in `FusionModel.sync_config`.
+    """
     if not isinstance(model, FusionModel):
         raise ConfigError(
             f"model_config expects an edgemm model, got {type(model).__name__}.",
             f"Create the model with create_model or build_model (architectures: {sorted(ARCHITECTURES)}).",
         )
-    return copy.deepcopy(model.sync_config())
+    return copy.deepcopy(model.sync_config(num_heads))
 
 
 def default_input_spec(model: FusionModel) -> InputSpec:

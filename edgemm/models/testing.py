@@ -15,7 +15,7 @@ MATCH_LABELS = ["mismatch", "match"]
 def make_tiny_checkpoint(folder: str | Path, architecture: str, seed: int = 0) -> Path:
     """Save a randomly initialised model of `architecture` on the tiny towers to `folder`.
 
-    The same `seed` gives the same weights. Labels are ["mismatch", "match"]; the input spec uses
+    The same `seed` gives the same weights. Labels are ["mismatch", "match"], and the input spec uses
     the tiny vocabulary (max_length 32) and 64x64 images (resize 72, crop 64).
     """
     torch.manual_seed(seed)

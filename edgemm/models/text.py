@@ -40,7 +40,7 @@ TEXT_TOWER_NAMES = ("tiny", "minilm-l6")
 class TextTowerConfig:
     """Every width of a BERT encoder, one entry per layer where pruning can change it.
 
-    `name` is `tiny` or `minilm-l6`; `source` optionally points at a local folder with
+    `name` is `tiny` or `minilm-l6`. `source` optionally points at a local folder with
     `config.json`, `model.safetensors` and `vocab.txt` in the Hugging Face BERT layout.
     Widths left as None are filled from `name` or `source` when the config is created.
     """
@@ -216,7 +216,7 @@ class BertEmbeddings(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention with explicit query/key/value projections.
 
-    `num_heads` and `head_dim` are plain attributes read in `forward`; `TextTower.sync_config`
+    `num_heads` and `head_dim` are plain attributes read in `forward`. `TextTower.sync_config`
     resets them after pruning changes the projection widths.
     """
 
@@ -231,7 +231,7 @@ class SelfAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        # [B, L, heads * head_dim] -> [B, heads, L, head_dim]; L stays symbolic (-1) for ONNX.
+        # [B, L, heads * head_dim] -> [B, heads, L, head_dim]. L stays symbolic (-1) for ONNX.
         batch = x.shape[0]
         return x.reshape(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
 
@@ -372,25 +372,13 @@ class TextTower(nn.Module):
         heads, head_dims, intermediate = [], [], []
         for index, layer in enumerate(self.encoder.layer):
             attention = layer.attention.self
-            widths = {attention.query.out_features, attention.key.out_features, attention.value.out_features}
-            if len(widths) != 1:
-                raise CompressionError(
-                    f"Text layer {index}: query, key and value widths differ ({sorted(widths)}).",
-                    "Prune query, key and value together (pass them in torch-pruning's num_heads).",
-                )
-            inner = widths.pop()
-            count = _lookup_heads(num_heads, index, attention)
-            if count is None:
-                count = inner // attention.head_dim if inner % attention.head_dim == 0 else attention.num_heads
-            if count <= 0 or inner % count != 0:
-                raise CompressionError(
-                    f"Text layer {index}: width {inner} does not split into {count} heads.",
-                    "Prune whole heads or the same number of channels in every head.",
-                )
-            attention.num_heads = count
-            attention.head_dim = inner // count
+            if num_heads is not None and not isinstance(num_heads, Mapping):
+                requested = int(num_heads[index])
+            else:
+                requested = heads_from_mapping(num_heads, attention)
+            count, head_dim = sync_attention_heads(attention, requested, f"Text layer {index}")
             heads.append(count)
-            head_dims.append(inner // count)
+            head_dims.append(head_dim)
             intermediate.append(layer.intermediate.dense.out_features)
         self.config = replace(
             self.config,
@@ -429,15 +417,40 @@ class TextTower(nn.Module):
         return cls(config).load_pretrained()
 
 
-def _lookup_heads(num_heads: Mapping[Any, int] | Sequence[int] | None, index: int, attention: SelfAttention) -> int | None:
+def heads_from_mapping(num_heads: Mapping[Any, int] | None, attention: nn.Module) -> int | None:
     if num_heads is None:
         return None
-    if isinstance(num_heads, Mapping):
-        for module in (attention.query, attention.key, attention.value):
-            if module in num_heads:
-                return int(num_heads[module])
-        return None
-    return int(num_heads[index])
+    for module in (attention.query, attention.key, attention.value):
+        if module in num_heads:
+            return int(num_heads[module])
+    return None
+
+
+def sync_attention_heads(attention: nn.Module, num_heads: int | None, where: str) -> tuple[int, int]:
+    """Set `attention.num_heads` and `head_dim` from its query/key/value widths and return both.
+
+    `attention` is any module with `query`, `key`, `value` Linear layers and `num_heads` and
+    `head_dim` attributes. Without `num_heads`, the layer keeps its head size when its width is a
+    multiple of it (whole heads were removed), otherwise it keeps its head count.
+    """
+    widths = {attention.query.out_features, attention.key.out_features, attention.value.out_features}
+    if len(widths) != 1:
+        raise CompressionError(
+            f"{where}: query, key and value widths differ ({sorted(widths)}).",
+            "Prune query, key and value together (list all three in torch-pruning's num_heads).",
+        )
+    inner = widths.pop()
+    count = num_heads
+    if count is None:
+        count = inner // attention.head_dim if inner % attention.head_dim == 0 else attention.num_heads
+    if count <= 0 or inner % count != 0:
+        raise CompressionError(
+            f"{where}: width {inner} does not split into {count} heads.",
+            "Prune whole heads or the same number of channels in every head.",
+        )
+    attention.num_heads = count
+    attention.head_dim = inner // count
+    return attention.num_heads, attention.head_dim
 
 
 def _strip_prefix(key: str) -> str:
