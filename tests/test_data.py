@@ -209,7 +209,10 @@ def test_write_then_load_round_trip(jsonl_dataset: Path):
     # The new records file sits one level down, so images must still be inside its folder.
     with pytest.raises(DataError, match="outside"):
         write_dataset(out, records)
-    write_dataset(jsonl_dataset, [Record(Path("images/a.png"), "relative path", 0, "dev", ("x",))])
+    relative = [Record(Path("images/a.png"), "relative path", 0, "dev", ("x",))]
+    with pytest.raises(DataError, match="already exists"):
+        write_dataset(jsonl_dataset, relative)
+    write_dataset(jsonl_dataset, relative, overwrite=True)
     again = load_dataset(jsonl_dataset)
     assert again == [Record((jsonl_dataset / "images/a.png").resolve(), "relative path", 0, "dev", ("x",))]
     line = json.loads((jsonl_dataset / "records.jsonl").read_text().splitlines()[0])

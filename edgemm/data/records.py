@@ -2,8 +2,8 @@
 
 A dataset is a folder with `records.jsonl` or `records.csv` whose `image` paths are relative to
 the folder. A folder that contains only a captions file (`captions.csv` with columns
-`image,caption[,split]` and the images under `images/`) loads as a dataset too.
-Torch-free.
+`image,caption[,split]` and the images under `images/`) loads as a dataset too, and so does
+the path of any one of these files. Torch-free.
 """
 
 from __future__ import annotations
@@ -287,14 +287,18 @@ def check_image_files(records: list[Record]) -> None:
             raise DataError(f"Failed to decode image file {path}: {error}.", "Replace or remove the file.") from error
 
 
-def write_dataset(folder: Path | str, records: Iterable[Record]) -> Path:
+def write_dataset(folder: Path | str, records: Iterable[Record], overwrite: bool = False) -> Path:
     """Write `records` as `folder/records.jsonl` atomically and return its path.
 
     Image paths are stored relative to `folder`. A relative `record.image` is taken relative to
     `folder`, and every image must lie inside it (copy or link images in first, as
-    `import_captions` does). Raises `DataError` for an image outside the folder or empty text.
+    `import_captions` does). Raises `DataError` for an image outside the folder, empty text, or
+    an existing `records.jsonl` unless `overwrite` is true.
     """
     folder = Path(folder)
+    path = folder / RECORDS_JSONL
+    if path.exists() and not overwrite:
+        raise DataError(f"{path} already exists.", "Pass overwrite=True to replace it, or write to another folder.")
     root = folder.resolve()
     lines = []
     for index, record in enumerate(records):
@@ -311,7 +315,6 @@ def write_dataset(folder: Path | str, records: Iterable[Record]) -> Path:
 
     if not lines:
         raise DataError(f"No records to write to {folder}.", "Pass at least one record.")
-    path = folder / RECORDS_JSONL
     atomic_write_text(path, "\n".join(lines) + "\n")
     logger.debug("Wrote %d records to %s", len(lines), path)
     return path
