@@ -54,9 +54,9 @@ def make_matching_pairs(
 ) -> list[Record]:
     """Build labelled pairs: each caption with its own image (label 1) and mismatched captions (label 0).
 
-    A negative for an image is a caption of another image in the same split, or, for
-    `hard_negative_fraction` of the negatives of records that have them, one of the record's own
-    hard negatives (`record.negatives`). A negative never equals a caption of the same image
+    A negative for an image is a caption of another image in the same split, or one of the
+    record's own hard negatives (`record.negatives`). Hard negatives fill `hard_negative_fraction`
+    of the negative slots they can fill (at most `len(record.negatives)` per record). A negative never equals a caption of the same image
     (compared by image path and by lower-cased text). `is_false(own_captions, candidate)` can
     reject more candidates: a caption of another image may describe this one too. When every
     text is a synthetic scene caption and `is_false` is None, `synthetic.is_false_for` is used.
@@ -99,14 +99,15 @@ def make_matching_pairs(
 
     def acceptable(record: Record, text: str) -> bool:
         return is_false is None or is_false(own_texts[record.image], text)
+
     pools = _negative_pools(positives)
+    usable_hard = [_usable_hard_negatives(record, own_captions, acceptable) for record in positives]
 
     # Decide up front which negative slots use a hard negative, so the fraction is exact.
     hard_slots = [
         (index, slot)
-        for index, record in enumerate(positives)
-        if _usable_hard_negatives(record, own_captions, acceptable)
-        for slot in range(negatives_per_positive)
+        for index, choices in enumerate(usable_hard)
+        for slot in range(min(negatives_per_positive, len(choices)))
     ]
     chosen_hard = set(rng.sample(hard_slots, round(hard_negative_fraction * len(hard_slots))))
 
@@ -114,18 +115,22 @@ def make_matching_pairs(
     for index, record in enumerate(positives):
         pairs.append(replace(record, label=1))
         own = own_captions[record.image]
-        hard_choices = _usable_hard_negatives(record, own_captions, acceptable)
+        hard_choices = list(usable_hard[index])
         rng.shuffle(hard_choices)
-        used = set()
+        used: set[str] = set()
         for slot in range(negatives_per_positive):
-            if (index, slot) in chosen_hard and hard_choices:
-                text = hard_choices.pop()
-            else:
+            text = None
+            if (index, slot) in chosen_hard:
+                # Skip hard negatives that an earlier slot already drew as another image's caption.
+                while hard_choices and text is None:
+                    candidate = hard_choices.pop()
+                    text = None if normalize_text(candidate) in used else candidate
+            if text is None:
                 text = _draw_other_caption(record, pools[record.split], own, used, rng, acceptable)
             used.add(normalize_text(text))
             pairs.append(Record(image=record.image, text=text, label=0, split=record.split))
 
-    logger.info(
+    logger.debug(
         "Built %d matching pairs from %d captions (%d hard negatives, seed %d)",
         len(pairs), len(positives), len(chosen_hard), seed,
     )
