@@ -34,7 +34,7 @@ def group_by_image(records: Iterable[Record]) -> dict[Path, list[str]]:
     """Map each image to its true captions, for retrieval evaluation.
 
     Records labelled 0 (mismatches) are left out. Images appear in sorted path order and each
-    image's captions in file order.
+    image's captions in input order.
     """
     groups: dict[Path, list[str]] = {}
     for record in records:
