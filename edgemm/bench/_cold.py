@@ -1,10 +1,11 @@
 """Cold start: time a fresh process from its start to the first result of a model package.
 
 The parent (`measure_cold_starts`) starts `python -m edgemm.bench._cold PKG ...` several times
-with the thread variables set, and the child reports, as one JSON line on stdout, when each phase
-ended: interpreter start-up, importing the runtime (onnxruntime, numpy, Pillow), loading the
-package, and the first end-to-end result on one real input. The child also reports its peak
-resident memory.
+with the thread variables set. The child runs what an application on the device runs:
+`edgemm.runtime.load(PKG, threads=T)` and one `predict` (fusion classifier) or `similarity`
+(dual encoder) on one real input. It reports, as one JSON line on stdout, when each phase
+ended: interpreter start-up, importing the runtime (onnxruntime, numpy, Pillow), loading and
+checking the package, and the first result. It also reports its peak resident memory.
 
 The module's top level imports only the standard library, so the import phase of the child
 measures the runtime's own imports.
@@ -34,7 +35,6 @@ def measure_cold_starts(
     threads: int,
     runs: int,
     dataset: Path | None = None,
-    allow_spinning: bool = False,
     on_run: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Start `runs` fresh processes on the package and summarise their phases and peak memory.
@@ -47,7 +47,7 @@ def measure_cold_starts(
     env.update(thread_environment(threads))
     records = []
     for _ in range(runs):
-        records.append(_run_child(package_dir, threads, dataset, allow_spinning, env))
+        records.append(_run_child(package_dir, threads, dataset, env))
         if on_run is not None:
             on_run()
     return {
@@ -60,14 +60,12 @@ def measure_cold_starts(
     }
 
 
-def _run_child(package_dir: Path, threads: int, dataset: Path | None, allow_spinning: bool, env: dict[str, str]) -> dict[str, Any]:
+def _run_child(package_dir: Path, threads: int, dataset: Path | None, env: dict[str, str]) -> dict[str, Any]:
     from edgemm.errors import PackageError
 
     command = [sys.executable, "-m", "edgemm.bench._cold", str(package_dir), "--threads", str(threads)]
     if dataset is not None:
         command += ["--dataset", str(dataset)]
-    if allow_spinning:
-        command.append("--allow-spinning")
     command += ["--spawned-at", repr(time.time())]
     try:
         completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=CHILD_TIMEOUT_S)
@@ -100,25 +98,27 @@ def _child(argv: list[str]) -> int:
     parser.add_argument("package", type=Path)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--dataset", type=Path)
-    parser.add_argument("--allow-spinning", action="store_true")
     parser.add_argument("--spawned-at", type=float, required=True, help="time.time() of the parent just before it started this process")
     args = parser.parse_args(argv)
 
-    from edgemm.bench.harness import PackageHarness
     from edgemm.bench.inputs import load_dataset_inputs, load_sample_inputs
     from edgemm.bench.measure import process_peak_rss_bytes
 
-    PackageHarness.import_runtime()
+    import edgemm.runtime.model
+
     imported = time.time()
 
-    harness = PackageHarness.open(args.package, threads=args.threads, allow_spinning=args.allow_spinning, verify_checksums=False)
+    model = edgemm.runtime.model.load(args.package, threads=args.threads)
     loaded = time.time()
 
     if args.dataset is not None:
         inputs = load_dataset_inputs(args.dataset, max_pairs=1)
     else:
-        inputs = load_sample_inputs(harness.manifest)
-    harness.end_to_end(inputs.texts[:1], inputs.images[:1])
+        inputs = load_sample_inputs(model.manifest)
+    if model.kind == "dual_encoder":
+        model.similarity(inputs.texts[:1], inputs.images[:1])
+    else:
+        model.predict(inputs.texts[:1], inputs.images[:1])
     finished = time.time()
 
     record = {

@@ -1,9 +1,11 @@
-"""Load a model package with pinned thread settings and run it end to end or inference only.
+"""Open a model package with pinned thread settings and run it end to end or inference only.
 
-The benchmark needs two things the plain runtime call hides: the ONNX run on arrays prepared in
-advance (to time inference without preprocessing), and full control of the onnxruntime session
-options (intra-op threads, inter-op threads and spinning). Preprocessing uses the runtime's own
-tokenizer and image transform, so end-to-end latency covers the same steps a device runs.
+The benchmark needs two things `edgemm.runtime.load` does not offer: the ONNX run on arrays
+prepared in advance (to time inference without preprocessing), and control of onnxruntime's
+thread spinning. So the harness creates its own sessions and preprocesses with the runtime's
+`Preprocessor`, then runs the same steps as `FusionModel.predict` and
+`DualEncoderModel.similarity`. Packages are checked with `edgemm.runtime.load` first (see
+`check_package`), and cold starts run the real runtime.
 """
 
 from __future__ import annotations
@@ -16,27 +18,34 @@ from edgemm.errors import ConfigError, PackageError
 
 logger = logging.getLogger(__name__)
 
+# onnxruntime input type -> numpy dtype name, for the inputs edgemm graphs declare.
+ELEMENT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32", "tensor(float16)": "float16"}
+
+
+def check_package(package_dir: Path, providers: Sequence[str]) -> Any:
+    """Load the package with `edgemm.runtime.load` (every check the runtime makes) and return its manifest.
+
+    Raises `PackageError` for an invalid package, as `edgemm run` would.
+    """
+    import edgemm.runtime
+
+    model = edgemm.runtime.load(Path(package_dir), threads=1, providers=list(providers))
+    return model.manifest
+
 
 class PackageHarness:
     """One package opened with fixed thread settings: `prepare`, `infer` and `end_to_end`."""
 
-    def __init__(self, manifest: Any, sessions: dict[str, Any], tokenizer: Any, transform: Any):
+    def __init__(self, manifest: Any, sessions: dict[str, Any], preprocessor: Any):
         self.manifest = manifest
         self.sessions = sessions
-        self.tokenizer = tokenizer
-        self.transform = transform
-        self._input_names = {name: {item.name for item in session.get_inputs()} for name, session in sessions.items()}
-
-    @staticmethod
-    def import_runtime() -> None:
-        """Import everything a device needs to run a package (timed as the cold-start import phase)."""
-        import numpy  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import PIL.Image  # noqa: F401
-
-        import edgemm.runtime.image  # noqa: F401
-        import edgemm.runtime.manifest  # noqa: F401
-        import edgemm.runtime.tokenizer  # noqa: F401
+        self.preprocessor = preprocessor
+        self._inputs = {graph: {item.name: item for item in session.get_inputs()} for graph, session in sessions.items()}
+        self._outputs = {graph: [item.name for item in session.get_outputs()] for graph, session in sessions.items()}
+        ids_name = manifest.input_spec.text.input_names[0]
+        # As in the runtime: graphs exported with a fixed sequence length need rows padded to max_length.
+        fixed_length = any(isinstance(inputs[ids_name].shape[1], int) for inputs in self._inputs.values() if ids_name in inputs)
+        self._padding = "max_length" if fixed_length else "longest"
 
     @classmethod
     def open(
@@ -45,46 +54,41 @@ class PackageHarness:
         threads: int,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         allow_spinning: bool = False,
-        verify_checksums: bool = True,
     ) -> "PackageHarness":
-        """Read and check the package, then create one onnxruntime session per graph.
+        """Read the manifest and create one onnxruntime session per graph with `session_options`.
 
-        Raises `PackageError` when the manifest is invalid, a checksum differs or onnxruntime
-        cannot load a graph.
+        Checksums are not verified here because `check_package` did that once. Raises
+        `PackageError` when onnxruntime cannot load a graph.
         """
-        from edgemm.runtime.image import ImageTransform
         from edgemm.runtime.manifest import read_manifest
-        from edgemm.runtime.tokenizer import WordPieceTokenizer
+        from edgemm.runtime.preprocess import Preprocessor
 
-        manifest = read_manifest(Path(package_dir), verify_checksums=verify_checksums)
+        manifest = read_manifest(Path(package_dir), verify_checksums=False)
         options = session_options(threads, allow_spinning)
         graphs = ("text_encoder", "image_encoder") if manifest.kind == "dual_encoder" else ("model",)
         sessions = {name: _create_session(manifest.graph_path(name), options, providers) for name in graphs}
-        tokenizer = WordPieceTokenizer.from_spec(manifest.input_spec.text, manifest.vocab_path)
-        transform = ImageTransform(manifest.input_spec.image)
-        return cls(manifest, sessions, tokenizer, transform)
+        return cls(manifest, sessions, Preprocessor(manifest.input_spec, manifest.vocab_path))
 
     def prepare(self, texts: Sequence[str], images: Sequence[Any]) -> dict[str, dict[str, Any]]:
-        """Tokenize and transform a batch into one feed dict per graph."""
-        arrays = dict(self.tokenizer(list(texts), padding="longest"))
-        arrays["pixel_values"] = self.transform(list(images))
-        return {
-            graph: {name: array for name, array in arrays.items() if name in self._input_names[graph]}
-            for graph in self.sessions
-        }
+        """Tokenize and transform a batch into one feed dict per graph, in each input's element type."""
+        arrays = self.preprocessor(list(texts), list(images), padding=self._padding)
+        feeds = {}
+        for graph, inputs in self._inputs.items():
+            feeds[graph] = {name: arrays[name].astype(ELEMENT_TYPES[item.type], copy=False) for name, item in inputs.items()}
+        return feeds
 
     def infer(self, prepared: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Run every graph on prepared feeds and return the outputs by name."""
         outputs: dict[str, Any] = {}
         for graph, session in self.sessions.items():
-            names = [item.name for item in session.get_outputs()]
+            names = self._outputs[graph]
             outputs.update(zip(names, session.run(names, prepared[graph])))
         return outputs
 
     def end_to_end(self, texts: Sequence[str], images: Sequence[Any]) -> Any:
         """Decode, preprocess, run and postprocess a batch, as a device does for each request.
 
-        Returns class probabilities [batch, labels] for a fusion classifier, and the
+        Returns class probabilities [batch, labels] for a fusion classifier, and the scaled
         text-image similarity matrix [batch, batch] for a dual encoder.
         """
         return self.postprocess(self.infer(self.prepare(texts, images)))
@@ -93,16 +97,22 @@ class PackageHarness:
         import numpy as np
 
         if self.manifest.kind == "dual_encoder":
-            text = outputs["text_embeds"]
-            image = outputs["image_embeds"]
+            text = _l2_normalize(outputs["text_embeds"].astype(np.float32))
+            image = _l2_normalize(outputs["image_embeds"].astype(np.float32))
             scale = self.manifest.logit_scale if self.manifest.logit_scale is not None else 1.0
             return scale * (text @ image.T)
-        logits = outputs["logits"]
+        logits = outputs["logits"].astype(np.float32)
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         return shifted / shifted.sum(axis=1, keepdims=True)
 
     def close(self) -> None:
         self.sessions.clear()
+
+
+def _l2_normalize(array: Any) -> Any:
+    import numpy as np
+
+    return array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
 
 
 def session_options(threads: int, allow_spinning: bool) -> Any:

@@ -103,11 +103,11 @@ def count_progress_steps(config: BenchConfig) -> int:
 def run_benchmark(config: BenchConfig, on_progress: ProgressCallback | None = None, argv: list[str] | None = None) -> dict[str, Any]:
     """Measure every package and return the result document (schema version `SCHEMA_VERSION`).
 
-    Every package is loaded once before anything is timed, so a broken package fails fast with a
-    `PackageError`. Raises `ConfigError` for invalid settings and `DataError` for a bad dataset.
+    Every package is loaded once with `edgemm.runtime.load` before anything is timed, so a broken
+    package fails fast with a `PackageError`. Raises `ConfigError` for invalid settings and `DataError` for a bad dataset.
     """
     from edgemm.bench._cold import measure_cold_starts
-    from edgemm.bench.harness import PackageHarness
+    from edgemm.bench.harness import check_package
 
     warnings = check_config(config)
     for message in warnings:
@@ -115,17 +115,15 @@ def run_benchmark(config: BenchConfig, on_progress: ProgressCallback | None = No
     progress = on_progress or (lambda description, done: None)
 
     package_dirs = _package_list(config)
-    harnesses = {path: PackageHarness.open(path, threads=1, providers=config.providers) for path in package_dirs}
+    manifests = {path: check_package(path, config.providers) for path in package_dirs}
     shared_inputs = load_dataset_inputs(config.dataset) if config.dataset is not None else None
 
     packages = []
     names = _unique_names(package_dirs)
     for path in package_dirs:
-        probe = harnesses.pop(path)
-        inputs = shared_inputs if shared_inputs is not None else load_sample_inputs(probe.manifest)
-        record = _package_record(probe, names[path], path == config.baseline)
+        inputs = shared_inputs if shared_inputs is not None else load_sample_inputs(manifests[path])
+        record = _package_record(manifests[path], names[path], path == config.baseline)
         record["inputs"] = inputs.source
-        probe.close()
 
         record["results"] = _measure_package(path, config, inputs, names[path], progress)
         record["cold_start"] = measure_cold_starts(
@@ -133,7 +131,6 @@ def run_benchmark(config: BenchConfig, on_progress: ProgressCallback | None = No
             threads=config.threads[0],
             runs=config.cold_starts,
             dataset=config.dataset,
-            allow_spinning=config.allow_spinning,
             on_run=lambda: progress(f"{names[path]}: cold start", 1),
         )
         packages.append(record)
@@ -172,8 +169,7 @@ def _unique_names(paths: list[Path]) -> dict[Path, str]:
     return names
 
 
-def _package_record(harness: Any, name: str, is_baseline: bool) -> dict[str, Any]:
-    manifest = harness.manifest
+def _package_record(manifest: Any, name: str, is_baseline: bool) -> dict[str, Any]:
     graph_files = set(manifest.graphs.values())
     model_bytes = sum(entry.bytes for file, entry in manifest.files.items() if file in graph_files or file.endswith(".data"))
     manifest_file = manifest.package_dir / "manifest.json"
