@@ -15,11 +15,13 @@ from typer.testing import CliRunner
 from edgemm.bench.machine import parse_proc_cpuinfo, parse_sysctl
 from edgemm.bench.runner import BenchConfig, run_benchmark
 from edgemm.cli.main import app
+from edgemm.runtime.spec import ImageSpec, InputSpec, TextSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "the", "dog", "cat", "red", "blue", "ball", "runs", "on", "grass", "sky", "in", "green", "square", "circle", "sits"]
 SAMPLE_TEXTS = ["a red ball on the grass", "the dog runs in the green grass", "a blue square", "the cat sits on a red square"]
 SAMPLE_COLOURS = [(200, 30, 30), (30, 160, 40), (40, 60, 200), (220, 220, 40)]
+TINY_SPEC = InputSpec(text=TextSpec(max_length=16), image=ImageSpec(resize=36, crop=32))
 
 
 def build_tiny_package(folder: Path, precision: str = "fp32", accuracy: float = 0.8, width: int = 16) -> Path:
@@ -28,11 +30,9 @@ def build_tiny_package(folder: Path, precision: str = "fp32", accuracy: float = 
     precision "int8-dynamic" quantizes the exported graph with onnxruntime's quantize_dynamic.
     """
     import torch
-    from PIL import Image, ImageDraw
     from torch import nn
 
     from edgemm.runtime.manifest import build_manifest, write_manifest
-    from edgemm.runtime.spec import ImageSpec, InputSpec, TextSpec
 
     class TinyFusion(nn.Module):
         def __init__(self) -> None:
@@ -47,37 +47,10 @@ def build_tiny_package(folder: Path, precision: str = "fp32", accuracy: float = 
             image = torch.relu(self.conv(pixel_values)).mean(dim=(2, 3))
             return self.head(torch.cat([text, image], dim=1))
 
-    folder.mkdir(parents=True)
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    (folder / "samples").mkdir()
-    image_names = []
-    for index, colour in enumerate(SAMPLE_COLOURS):
-        image = Image.new("RGB", (64, 48), (250, 250, 250))
-        ImageDraw.Draw(image).ellipse((10 + 4 * index, 8, 40 + 4 * index, 40), fill=colour)
-        name = f"samples/{index}.jpg"
-        image.save(folder / name, quality=90)
-        image_names.append(name)
-
-    spec = InputSpec(text=TextSpec(max_length=16), image=ImageSpec(resize=36, crop=32))
+    image_names = _write_vocab_and_samples(folder)
     torch.manual_seed(0)
-    model = TinyFusion().eval()
-    example = (torch.ones(2, 6, dtype=torch.long), torch.ones(2, 6, dtype=torch.long), torch.zeros(2, 3, 32, 32))
     fp32_path = folder / ("model.onnx" if precision == "fp32" else "model-fp32.onnx")
-    torch.onnx.export(
-        model,
-        example,
-        str(fp32_path),
-        input_names=["input_ids", "attention_mask", "pixel_values"],
-        output_names=["logits"],
-        dynamic_axes={
-            "input_ids": {0: "batch", 1: "sequence"},
-            "attention_mask": {0: "batch", 1: "sequence"},
-            "pixel_values": {0: "batch"},
-            "logits": {0: "batch"},
-        },
-        opset_version=18,
-        dynamo=False,
-    )
+    _export(TinyFusion().eval(), fp32_path, ["input_ids", "attention_mask", "pixel_values"], "logits")
     if precision != "fp32":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -89,7 +62,7 @@ def build_tiny_package(folder: Path, precision: str = "fp32", accuracy: float = 
         kind="fusion_classifier",
         architecture="concat_fusion",
         graphs={"model": "model.onnx"},
-        input_spec=spec,
+        input_spec=TINY_SPEC,
         opset=18,
         labels=["mismatch", "match"],
         precision=precision,
@@ -100,12 +73,95 @@ def build_tiny_package(folder: Path, precision: str = "fp32", accuracy: float = 
     return folder
 
 
+def build_tiny_dual_encoder(folder: Path, width: int = 16) -> Path:
+    """Export tiny text and image encoders to ONNX and write a dual encoder package around them."""
+    import torch
+    from torch import nn
+
+    from edgemm.runtime.manifest import build_manifest, write_manifest
+
+    class TinyTextEncoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(len(VOCAB), width)
+            self.projection = nn.Linear(width, 8)
+
+        def forward(self, input_ids, attention_mask):
+            mask = attention_mask.unsqueeze(-1).float()
+            return self.projection((self.embedding(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+
+    class TinyImageEncoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, width, 3, stride=2, padding=1)
+            self.projection = nn.Linear(width, 8)
+
+        def forward(self, pixel_values):
+            return self.projection(torch.relu(self.conv(pixel_values)).mean(dim=(2, 3)))
+
+    image_names = _write_vocab_and_samples(folder)
+    torch.manual_seed(0)
+    _export(TinyTextEncoder().eval(), folder / "text_encoder.onnx", ["input_ids", "attention_mask"], "text_embeds")
+    _export(TinyImageEncoder().eval(), folder / "image_encoder.onnx", ["pixel_values"], "image_embeds")
+    manifest = build_manifest(
+        folder,
+        kind="dual_encoder",
+        architecture="dual_encoder",
+        graphs={"text_encoder": "text_encoder.onnx", "image_encoder": "image_encoder.onnx"},
+        input_spec=TINY_SPEC,
+        opset=18,
+        logit_scale=20.0,
+        samples={"texts": SAMPLE_TEXTS, "images": image_names},
+    )
+    write_manifest(folder, manifest)
+    return folder
+
+
+def _write_vocab_and_samples(folder: Path) -> list[str]:
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    (folder / "samples").mkdir()
+    image_names = []
+    for index, colour in enumerate(SAMPLE_COLOURS):
+        image = Image.new("RGB", (64, 48), (250, 250, 250))
+        ImageDraw.Draw(image).ellipse((10 + 4 * index, 8, 40 + 4 * index, 40), fill=colour)
+        name = f"samples/{index}.jpg"
+        image.save(folder / name, quality=90)
+        image_names.append(name)
+    return image_names
+
+
+def _export(module, path: Path, input_names: list[str], output_name: str) -> None:
+    import torch
+
+    examples = {
+        "input_ids": torch.ones(2, 6, dtype=torch.long),
+        "attention_mask": torch.ones(2, 6, dtype=torch.long),
+        "pixel_values": torch.zeros(2, 3, TINY_SPEC.image.crop, TINY_SPEC.image.crop),
+    }
+    dynamic_axes = {name: {0: "batch", 1: "sequence"} if name != "pixel_values" else {0: "batch"} for name in input_names}
+    dynamic_axes[output_name] = {0: "batch"}
+    torch.onnx.export(
+        module,
+        tuple(examples[name] for name in input_names),
+        str(path),
+        input_names=input_names,
+        output_names=[output_name],
+        dynamic_axes=dynamic_axes,
+        opset_version=18,
+        dynamo=False,
+    )
+
+
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("packages")
     return {
         "fp32": build_tiny_package(root / "tiny-fp32"),
         "int8": build_tiny_package(root / "tiny-int8", precision="int8-dynamic", accuracy=0.78),
+        "dual": build_tiny_dual_encoder(root / "tiny-dual"),
     }
 
 
@@ -199,6 +255,39 @@ def test_bench_writes_full_result(packages, tmp_path):
     assert cold["thread_environment"]["OMP_NUM_THREADS"] == "1"
     assert cold["peak_rss_bytes"] > 10_000_000
     assert "p50" in outcome.output and "tiny-int8" in outcome.output
+
+
+def test_dual_encoder_package(packages):
+    config = BenchConfig(packages=[packages["dual"]], batch_sizes=[1, 4], runs=3, warmup=1, cold_starts=1)
+    result = run_benchmark(config)
+
+    package = result["packages"][0]
+    assert package["kind"] == "dual_encoder"
+    assert package["size"]["model_bytes"] == sum(
+        (packages["dual"] / name).stat().st_size for name in ("text_encoder.onnx", "image_encoder.onnx")
+    )
+    assert len(package["results"]) == 4
+    assert package["cold_start"]["summary"]["first_result_ms"]["median"] > 0
+
+
+@pytest.mark.parametrize("name", ["fp32", "int8", "dual"])
+def test_end_to_end_matches_runtime(packages, name):
+    import numpy as np
+
+    import edgemm.runtime
+    from edgemm.bench.harness import PackageHarness
+    from edgemm.bench.inputs import load_sample_inputs
+
+    model = edgemm.runtime.load(packages[name], threads=1)
+    harness = PackageHarness.open(packages[name], threads=1)
+    inputs = load_sample_inputs(model.manifest)
+
+    measured = harness.end_to_end(inputs.texts, inputs.images)
+    if name == "dual":
+        expected = model.similarity(inputs.texts, inputs.images, scale=True)
+    else:
+        expected = model.predict(inputs.texts, inputs.images).scores
+    np.testing.assert_allclose(measured, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_single_thread_uses_one_core(packages):
