@@ -394,3 +394,93 @@ def test_invalid_mode():
 def test_measure_latency_positive(fusion_onnx, scenes):
     feeds = make_reader(scenes).first_batch()
     assert measure_latency(fusion_onnx, feeds, threads=1, runs=3, warmup=1) > 0.0
+
+
+class ArrayReader:
+    """A calibration reader over fixed arrays, for graphs that take only `pixel_values`."""
+
+    def __init__(self, batches: list[np.ndarray]):
+        self.batches = batches
+        self.position = 0
+
+    def get_next(self):
+        if self.position == len(self.batches):
+            return None
+        self.position += 1
+        return {"pixel_values": self.batches[self.position - 1]}
+
+    def rewind(self):
+        self.position = 0
+
+
+def outlier_model(path: Path) -> Path:
+    """Two MatMuls; the first writes one channel 1000x larger than the others.
+
+    The second MatMul ignores that channel, but static INT8 rounds its whole input with one
+    scale, which wipes out the small channels. Keeping that MatMul in float repairs the output.
+    """
+    rng = np.random.default_rng(0)
+    first = rng.standard_normal((16, 16)).astype(np.float32) * 0.3
+    first[:, 0] *= 3000.0
+    second = rng.standard_normal((16, 4)).astype(np.float32)
+    second[0, :] = 0.0
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["pixel_values", "first"], ["hidden"], name="image_tower/first/MatMul"),
+            helper.make_node("MatMul", ["hidden", "second"], ["logits"], name="image_tower/second/MatMul"),
+        ],
+        "outlier",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(first, "first"), numpy_helper.from_array(second, "second")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_operatorsetid("", 17)]), str(path))
+    return path
+
+
+def test_fallback_keeps_sensitive_node_float(tmp_path):
+    from edgemm.compression.sensitivity import find_sensitive_nodes, quantize_with_fallback
+
+    source = outlier_model(tmp_path / "outlier.onnx")
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((8, 16)).astype(np.float32) for _ in range(4)]
+    evaluation = {"pixel_values": rng.standard_normal((32, 16)).astype(np.float32)}
+    reference = run(source, evaluation)
+
+    def evaluate(path: Path) -> float:
+        return 1.0 - relative_error(reference, run(path, evaluation))
+
+    config = QuantizeConfig(mode="int8-static", pre_process=False)
+    plain = tmp_path / "plain.onnx"
+    quantize_model(source, plain, config, ArrayReader(batches))
+    assert evaluate(plain) < 0.5, "the outlier model should lose accuracy when fully quantized"
+
+    ranking = find_sensitive_nodes(source, plain, evaluation, top_k=2)
+    assert ranking[0].node == "image_tower/second/MatMul"
+
+    out = tmp_path / "fallback.onnx"
+    result = quantize_with_fallback(source, out, config, ArrayReader(batches), evaluate, max_drop=0.1)
+
+    assert result.fallback["nodes_kept_float"] == ["image_tower/second/MatMul"]
+    assert result.fallback["attempts"][-1]["drop"] <= 0.1
+    assert evaluate(out) >= 0.9
+    assert "QuantizeLinear" in op_types(out)
+
+
+def test_fallback_limit_unreachable(tmp_path):
+    from edgemm.compression.sensitivity import quantize_with_fallback
+    from edgemm.errors import AccuracyError
+
+    source = outlier_model(tmp_path / "outlier.onnx")
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((8, 16)).astype(np.float32) for _ in range(2)]
+    out = tmp_path / "fallback.onnx"
+
+    # A metric that no quantized model can keep: only the FP32 file scores 1.
+    def evaluate(path: Path) -> float:
+        return 1.0 if path == source else 0.0
+
+    config = QuantizeConfig(mode="int8-static", pre_process=False)
+    with pytest.raises(AccuracyError, match="limit"):
+        quantize_with_fallback(source, out, config, ArrayReader(batches), evaluate, max_drop=0.01, max_steps=2)
+    assert not out.exists()

@@ -166,6 +166,8 @@ class QuantizeResult:
     bytes_after: int
     output: str
     notes: list[str] = field(default_factory=list)
+    # Set by `quantize_with_fallback`: the attempts and the nodes kept in float.
+    fallback: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
