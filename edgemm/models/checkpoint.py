@@ -20,7 +20,7 @@ from edgemm.errors import CheckpointError, ConfigError
 from edgemm.io import atomic_directory, atomic_write_text
 from edgemm.models.fusion import FusionModel
 from edgemm.models.registry import build_model, model_config
-from edgemm.models.text import load_state
+from edgemm.models.weights import load_state
 from edgemm.runtime.spec import InputSpec
 
 logger = logging.getLogger(__name__)

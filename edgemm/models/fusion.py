@@ -345,7 +345,7 @@ class DualEncoder(FusionModel):
             image_dim=config.image_dim or image_tower.out_channels,
         )
         self._head_config = config
-        # nn.Linear, not bare parameters, so torch-pruning sees the projections as prunable layers.
+        # nn.Linear, not bare parameters, so torch-pruning traces the projections as prunable layers.
         self.text_proj = nn.Linear(config.text_dim, config.embed_dim, bias=False)
         self.image_proj = nn.Linear(config.image_dim, config.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))

