@@ -1,0 +1,462 @@
+"""`edgemm compress`: prune, recover, export, quantize, validate and package in one run.
+
+Every intermediate file lives in a scratch folder. The package folder appears only after
+validation has passed, so a run that fails (bad input, accuracy drop over the limit, a stage
+error) leaves no partial package behind. The input checkpoint is only read.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgemm.compression.recipe import Recipe
+from edgemm.compression.validate import Limits
+from edgemm.data.records import Record
+from edgemm.errors import ConfigError, DataError, EdgemmError
+
+logger = logging.getLogger(__name__)
+
+VALIDATION_SPLITS = ("dev", "val", "validation", "test")
+GRAPHS_BY_ARCHITECTURE = {
+    "concat_fusion": ("model",),
+    "cross_attention": ("model",),
+    "dual_encoder": ("model", "text_encoder", "image_encoder"),
+}
+# Graphs that the runtime runs, and so the ones whose latency counts.
+RUNTIME_GRAPHS = {
+    "concat_fusion": ("model",),
+    "cross_attention": ("model",),
+    "dual_encoder": ("text_encoder", "image_encoder"),
+}
+
+StageCallback = Callable[[str], None]
+
+
+@dataclass
+class CompressSettings:
+    checkpoint: Path
+    out: Path
+    recipe: Recipe
+    dataset: Path | None = None
+    calibration: Path | None = None
+    overwrite: bool = False
+    keep_work: Path | None = None
+    latency_threads: int = 1
+    latency_runs: int = 30
+    max_validation_pairs: int | None = None
+
+
+@dataclass
+class CompressResult:
+    package: Path
+    manifest: dict[str, Any]
+    summary: list[dict[str, Any]] = field(default_factory=list)
+    validation: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def compress(settings: CompressSettings, on_stage: StageCallback | None = None) -> CompressResult:
+    """Run the whole pipeline on a checkpoint folder and return the validated package.
+
+    Raises `ConfigError`/`DataError`/`CheckpointError` for invalid inputs, `CompressionError`
+    when a stage fails and `AccuracyError` when the package loses more accuracy than the
+    recipe's `[validate]` limits allow.
+    """
+    stage = on_stage or (lambda name: None)
+    started = time.perf_counter()
+    out = Path(settings.out)
+    if out.exists() and not settings.overwrite:
+        raise EdgemmError(f"Output folder {out} already exists.", "Choose another --out or pass --overwrite.")
+    if out.resolve() == Path(settings.checkpoint).resolve():
+        raise ConfigError(f"--out {out} is the checkpoint folder.", "Write the package to another folder.")
+
+    if settings.keep_work is not None:
+        Path(settings.keep_work).mkdir(parents=True, exist_ok=True)
+        return _compress_in(Path(settings.keep_work), settings, stage, started)
+    with tempfile.TemporaryDirectory(prefix="edgemm-compress-") as scratch:
+        return _compress_in(Path(scratch), settings, stage, started)
+
+
+def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, started: float) -> CompressResult:
+    from edgemm.compression import validate as validation
+    from edgemm.compression.profile import profile_model
+    from edgemm.models.checkpoint import load_checkpoint
+    from edgemm.runtime.preprocess import Preprocessor
+
+    recipe = settings.recipe
+    stage("load checkpoint")
+    checkpoint = load_checkpoint(settings.checkpoint)
+    teacher = checkpoint.model.eval()
+    architecture = teacher.architecture
+    kind = "dual_encoder" if architecture == "dual_encoder" else "fusion_classifier"
+    threshold = float(checkpoint.extra.get("decision_threshold", 0.5))
+    preprocessor = Preprocessor(checkpoint.input_spec, checkpoint.vocab_path)
+
+    stage("load data")
+    dataset = _resolve_dataset(settings.dataset, checkpoint.extra)
+    train_records, val_records, val_split = _split_records(dataset, recipe.get("validate", "split"))
+    val_set = validation.build_validation_set(
+        val_records, kind, max_pairs=settings.max_validation_pairs or recipe.get("validate", "max_pairs")
+    )
+    example_inputs = _example_inputs(preprocessor, val_records)
+    logger.info("Validation: %d samples from split %r of %s", val_set.size, val_split, dataset)
+
+    stage("measure the original model")
+    reference = validation.run_torch_model(teacher, preprocessor, val_set)
+    profile_before = profile_model(teacher, example_inputs)
+
+    stage("export the original model (FP32 baseline)")
+    baseline_graphs = _export_graphs(teacher, work / "baseline", example_inputs, recipe)
+
+    student = teacher
+    records: dict[str, Any] = {"recipe": recipe.to_dict()}
+    if recipe.get("prune", "enabled", True) and _has_prune_ratio(recipe):
+        student, records["prune"], records["recover"] = _prune_and_recover(
+            teacher, recipe, example_inputs, train_records, preprocessor, stage
+        )
+    else:
+        records["prune"] = {"enabled": False}
+        records["recover"] = {"enabled": False}
+
+    profile_after = profile_model(student, example_inputs)
+    records["size"] = _profile_record(profile_before, profile_after)
+
+    stage("export the compressed model")
+    student_graphs = _export_graphs(student, work / "student", example_inputs, recipe)
+
+    stage("quantize")
+    calibration_set = _calibration_set(settings, recipe, dataset)
+    final_graphs, records["quantization"] = _quantize_graphs(
+        student_graphs, work / "quantized", recipe, calibration_set, checkpoint, train_records
+    )
+    if calibration_set is not None and recipe.get("quantize", "mode") == "int8-static":
+        records["calibration"] = calibration_set.to_dict()
+    records["export"] = {"opset": int(recipe.get("export", "opset", 18))}
+
+    limits = Limits(
+        max_accuracy_drop=float(recipe.get("validate", "max_accuracy_drop", 1.0)),
+        max_auc_drop=float(recipe.get("validate", "max_auc_drop", 0.01)),
+        max_recall_drop=float(recipe.get("validate", "max_recall_drop", 2.0)),
+    )
+    stage("validate")
+    package_args = dict(
+        architecture=architecture,
+        input_spec=checkpoint.input_spec,
+        vocab_path=checkpoint.vocab_path,
+        labels=list(checkpoint.labels),
+        opset=int(recipe.get("export", "opset", 18)),
+        precision=_precision(records["quantization"]),
+        decision_threshold=None if kind == "dual_encoder" else threshold,
+        logit_scale=_logit_scale(student),
+        samples=_samples(val_records),
+        source={"checkpoint": str(Path(settings.checkpoint).resolve()), "history": checkpoint.history},
+    )
+    candidate = _write_package(work / "candidate", final_graphs, package_args, records, None)
+    candidate_outputs = validation.run_package(candidate, val_set)
+    report = validation.compare(val_set, reference, candidate_outputs, threshold, limits)
+    logger.info("Validation before %s after %s", report.before, report.after)
+    validation.raise_if_failed(report)
+
+    stage("measure latency")
+    latency = _latency_record(baseline_graphs, final_graphs, architecture, preprocessor, val_records, settings)
+
+    stage("write package")
+    validation_record = {
+        "split": val_split,
+        "dataset": str(dataset),
+        "decision_threshold": package_args["decision_threshold"],
+        **report.to_dict(),
+        "latency": latency,
+    }
+    package = _write_package(settings.out, final_graphs, package_args, records, validation_record, overwrite=settings.overwrite)
+
+    manifest = json.loads((package / "manifest.json").read_text(encoding="utf-8"))
+    summary = _summary_rows(records["size"], baseline_graphs, final_graphs, report, latency, kind)
+    return CompressResult(
+        package=package,
+        manifest=manifest,
+        summary=summary,
+        validation=validation_record,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _resolve_dataset(dataset: Path | None, extra: dict[str, Any]) -> Path:
+    if dataset is not None:
+        return Path(dataset)
+    recorded = extra.get("dataset")
+    if recorded and Path(recorded).exists():
+        logger.info("Using the dataset the checkpoint was trained on: %s", recorded)
+        return Path(recorded)
+    raise DataError(
+        "No dataset for recovery, calibration and validation.",
+        "Pass --dataset DIR (a dataset folder or a captions folder with train and dev splits).",
+    )
+
+
+def _split_records(dataset: Path, split: str | None) -> tuple[list[Record], list[Record], str]:
+    from edgemm.data.records import load_dataset
+
+    records = load_dataset(dataset)
+    splits = {record.split for record in records}
+    if split is None:
+        split = next((name for name in VALIDATION_SPLITS if name in splits), None)
+    if split is None or split not in splits:
+        raise DataError(
+            f"Dataset {dataset} has no validation split {split!r} (splits found: {sorted(str(s) for s in splits)}).",
+            "Set [validate] split in the recipe or mark validation records with split 'dev'.",
+        )
+    val = [record for record in records if record.split == split and record.label != 0]
+    train = [record for record in records if record.split not in (split, "test") and record.label != 0]
+    if not train:
+        raise DataError(
+            f"Dataset {dataset} has no training records besides the {split!r} split.",
+            "Recovery and calibration need a 'train' split.",
+        )
+    return train, val, split
+
+
+def _example_inputs(preprocessor: Any, records: list[Record]) -> dict[str, Any]:
+    import torch
+
+    chosen = records[:2] if len(records) >= 2 else records * 2
+    feed = preprocessor([r.text for r in chosen], [r.image for r in chosen])
+    return {name: torch.from_numpy(array) for name, array in feed.items()}
+
+
+def _has_prune_ratio(recipe: Recipe) -> bool:
+    return any(recipe.get("prune", key) is not None for key in ("ratio", "text_ratio", "image_ratio", "head_ratio"))
+
+
+def _prune_and_recover(teacher, recipe, example_inputs, train_records, preprocessor, stage):
+    from edgemm.compression import recover as recovery
+    from edgemm.compression.prune import PruneConfig, prune_model
+
+    prune_section = recipe.section("prune")
+    prune_section.pop("enabled", None)
+    batches = prune_section.pop("calibration_batches", None)
+    steps = int(prune_section.pop("iterative_steps", 1) or 1)
+    prune_config = PruneConfig.from_dict({**prune_section, "iterative_steps": 1, **({"taylor_batches": batches} if batches else {})})
+    recover_enabled = recipe.get("recover", "enabled", True)
+    recover_config = recovery.RecoverConfig.from_recipe(recipe.section("recover")) if recover_enabled else None
+
+    calibration_batches = None
+    if prune_config.importance == "taylor":
+        calibration_batches = recovery.calibration_batches(teacher, train_records, preprocessor, prune_config.taylor_batches)
+
+    student = copy.deepcopy(teacher)
+    prune_records, recover_records = [], []
+    for step in range(steps):
+        step_config = prune_config if steps == 1 else _step_config(prune_config, step + 1, steps)
+        stage(f"prune (step {step + 1} of {steps})" if steps > 1 else "prune")
+        result = prune_model(student, step_config, example_inputs, calibration_batches)
+        student = result.model
+        prune_records.append(result.to_dict())
+        if recover_config is not None:
+            stage(f"recover (step {step + 1} of {steps})" if steps > 1 else "recover")
+            recovered = recovery.recover(student, teacher, train_records, preprocessor, recover_config)
+            student = recovered.model
+            recover_records.append(recovered.to_dict())
+    student.eval()
+
+    prune_record = {"enabled": True, "iterative_steps": steps, **prune_records[-1], "steps": prune_records}
+    recover_record = {"enabled": recover_config is not None, "steps": recover_records}
+    return student, prune_record, recover_record
+
+
+def _step_config(config, step: int, steps: int):
+    """Config of iterative step `step`: ratios reach the target after `steps` steps.
+
+    Each step removes the same fraction of what is left, so (1 - r_step) ** steps = 1 - r.
+    """
+    from dataclasses import replace
+
+    def per_step(ratio):
+        return None if ratio is None else 1.0 - (1.0 - ratio) ** (1.0 / steps)
+
+    return replace(
+        config,
+        ratio=per_step(config.ratio),
+        text_ratio=per_step(config.text_ratio),
+        image_ratio=per_step(config.image_ratio),
+        head_ratio=per_step(config.head_ratio),
+    )
+
+
+def _export_graphs(model, folder: Path, example_inputs, recipe: Recipe) -> dict[str, Path]:
+    from edgemm.compression.export_onnx import export_onnx
+    from edgemm.compression.package import GRAPH_FILES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    opset = int(recipe.get("export", "opset", 18))
+    graphs = {}
+    for graph in GRAPHS_BY_ARCHITECTURE[model.architecture]:
+        result = export_onnx(model, folder / GRAPH_FILES[graph], graph=graph, example_inputs=example_inputs, opset=opset)
+        graphs[graph] = result.path
+    return graphs
+
+
+def _calibration_set(settings: CompressSettings, recipe: Recipe, dataset: Path):
+    from edgemm.compression.calibration import CalibrationSet
+
+    modes = {recipe.get("quantize", "mode"), recipe.get("quantize", "text_mode"), recipe.get("quantize", "image_mode")}
+    if "int8-static" not in modes:
+        return None
+    definition = settings.calibration or recipe.get("calibration", "definition")
+    if definition is not None:
+        path = Path(definition)
+        if not path.is_absolute() and recipe.source is not None and not path.exists():
+            path = recipe.source.parent.parent / path
+        return CalibrationSet.from_toml(path)
+    return CalibrationSet(source="dataset", path=dataset, split="train", size=128, selection="random", seed=0)
+
+
+def _quantize_graphs(graphs, folder: Path, recipe: Recipe, calibration_set, checkpoint, train_records):
+    from edgemm.compression.calibration import EdgemmCalibrationReader, graph_input_names, runtime_encoders
+    from edgemm.compression.quantize import QuantizeConfig, quantize_model
+
+    section = recipe.section("quantize")
+    section.pop("accuracy_fallback", None)
+    config = QuantizeConfig.from_recipe(section) if section else QuantizeConfig(mode="none")
+    folder.mkdir(parents=True, exist_ok=True)
+    if config.mode == "none" and not (config.text_mode or config.image_mode):
+        return dict(graphs), {"mode": "none"}
+
+    records = None
+    if calibration_set is not None:
+        source_records = train_records if calibration_set.source == "dataset" and calibration_set.path is None else None
+        records = calibration_set.select_records(source_records)
+
+    quantized, results = {}, {}
+    for graph, path in graphs.items():
+        reader = None
+        if records is not None:
+            names = graph_input_names(path)
+            encode_text, encode_images = runtime_encoders(checkpoint.input_spec, checkpoint.vocab_path, names)
+            reader = EdgemmCalibrationReader(
+                records,
+                names,
+                encode_text=encode_text,
+                encode_images=encode_images,
+                batch_size=calibration_set.batch_size,
+                text_padding=calibration_set.text_padding,
+                max_length=calibration_set.max_length,
+            )
+        target = folder / path.name
+        results[graph] = quantize_model(path, target, config, reader).to_dict()
+        quantized[graph] = target
+    first = next(iter(results.values()))
+    record = {key: first[key] for key in ("mode", "precision", "per_channel", "op_types", "nodes_excluded", "calibration", "reduce_range", "weight_only")}
+    record["graphs"] = results
+    return quantized, record
+
+
+def _precision(quantization: dict[str, Any]) -> str:
+    return str(quantization.get("precision", "fp32")) if quantization.get("mode") != "none" else "fp32"
+
+
+def _logit_scale(model) -> float | None:
+    if getattr(model, "architecture", None) != "dual_encoder":
+        return None
+    return float(model.logit_scale.detach().exp().clamp(max=100.0))
+
+
+def _samples(records: list[Record]):
+    from edgemm.compression.package import Sample
+
+    picked, seen = [], set()
+    for record in records:
+        if record.image in seen:
+            continue
+        seen.add(record.image)
+        picked.append(Sample(image=record.image, text=record.text))
+        if len(picked) == 3:
+            break
+    return picked
+
+
+def _write_package(out: Path, graphs, package_args, records, validation_record, overwrite: bool = False) -> Path:
+    from edgemm.compression.package import write_package
+
+    return write_package(
+        out,
+        graphs=graphs,
+        compression=records,
+        validation=validation_record,
+        overwrite=overwrite,
+        **package_args,
+    )
+
+
+def _profile_record(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    record = {}
+    for part in before:
+        b, a = before[part], after.get(part)
+        if a is None:
+            continue
+        record[part] = {
+            "params_before": int(b.params),
+            "params_after": int(a.params),
+            "macs_before": int(b.macs),
+            "macs_after": int(a.macs),
+        }
+    return record
+
+
+def _graph_feeds(path: Path, preprocessor, records: list[Record]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    record = records[0]
+    feed = preprocessor([record.text], [record.image])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return {item.name: feed[item.name] for item in session.get_inputs()}
+
+
+def _latency_record(baseline_graphs, final_graphs, architecture, preprocessor, records, settings) -> dict[str, Any]:
+    """p50 latency (ms) of one inference at batch 1 for the FP32 original and the package, graph by graph."""
+    from edgemm.compression.quantize import measure_latency
+
+    result: dict[str, Any] = {"threads": settings.latency_threads, "batch_size": 1, "runs": settings.latency_runs, "graphs": {}}
+    total_before = total_after = 0.0
+    for graph in RUNTIME_GRAPHS[architecture]:
+        feeds = _graph_feeds(baseline_graphs[graph], preprocessor, records)
+        before = measure_latency(baseline_graphs[graph], feeds, threads=settings.latency_threads, runs=settings.latency_runs)
+        after = measure_latency(final_graphs[graph], feeds, threads=settings.latency_threads, runs=settings.latency_runs)
+        result["graphs"][graph] = {"p50_ms_before": before, "p50_ms_after": after}
+        total_before += before
+        total_after += after
+    result["p50_ms_before"] = total_before
+    result["p50_ms_after"] = total_after
+    result["speedup"] = total_before / total_after if total_after > 0 else None
+    result["note"] = "inference only, measured during compress; use edgemm bench for full reports"
+    return result
+
+
+def _summary_rows(size, baseline_graphs, final_graphs, report, latency, kind) -> list[dict[str, Any]]:
+    total = size.get("total", {})
+    size_before = sum(Path(p).stat().st_size for g, p in baseline_graphs.items() if g in RUNTIME_GRAPHS_BY_KIND[kind])
+    size_after = sum(Path(p).stat().st_size for g, p in final_graphs.items() if g in RUNTIME_GRAPHS_BY_KIND[kind])
+    rows = [
+        {"metric": "ONNX size (MB)", "before": size_before / 1e6, "after": size_after / 1e6},
+        {"metric": "parameters (M)", "before": total.get("params_before", 0) / 1e6, "after": total.get("params_after", 0) / 1e6},
+        {"metric": "MACs (G)", "before": total.get("macs_before", 0) / 1e9, "after": total.get("macs_after", 0) / 1e9},
+    ]
+    for name in report.before:
+        rows.append({"metric": name, "before": report.before[name], "after": report.after[name]})
+    rows.append({"metric": "p50 latency, batch 1, 1 thread (ms)", "before": latency["p50_ms_before"], "after": latency["p50_ms_after"]})
+    return rows
+
+
+RUNTIME_GRAPHS_BY_KIND = {
+    "fusion_classifier": ("model",),
+    "dual_encoder": ("text_encoder", "image_encoder"),
+}
