@@ -2,7 +2,7 @@
 
 `build_report` reads files written by `edgemm bench`, from one or several machines and packages,
 and writes `report.md`, `results.csv` (the rows of the main table) and, when matplotlib is
-installed, PNG plots. Without matplotlib the report has tables only and says so.
+installed, PNG plots. Without matplotlib the report has tables only and a line that names the missing package.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ logger = logging.getLogger(__name__)
 REPORT_NAME = "report.md"
 CSV_NAME = "results.csv"
 COLD_START_PHASES = ("interpreter_ms", "import_ms", "load_ms", "first_result_ms")
+PLOT_NAMES = ("latency_distribution.png", "latency_scaling.png", "accuracy_latency_size.png", "cold_start.png")
 
 
 @dataclass
 class Report:
-    """What `build_report` wrote."""
+    """Paths and counts of the files `build_report` wrote."""
 
     markdown_path: Path
     csv_path: Path
@@ -39,7 +40,7 @@ class Report:
 
 @dataclass(frozen=True)
 class _Entry:
-    """One package measured on one machine, with a label that tells it apart in tables and plots."""
+    """One package measured on one machine, with a label that is unique across tables and plots."""
 
     label: str
     source: str
@@ -77,6 +78,11 @@ def build_report(result_paths: Sequence[Path], out_dir: Path) -> Report:
     except ImportError as error:
         skipped_reason = f"matplotlib is not installed ({error}); install the plots extra: pip install 'edgemm[plots]'"
         logger.warning("Plots skipped: %s", skipped_reason)
+
+    # A plot left from an earlier report in the same folder would contradict this one.
+    for name in PLOT_NAMES:
+        if out_dir / name not in plot_paths:
+            (out_dir / name).unlink(missing_ok=True)
 
     markdown_path = out_dir / REPORT_NAME
     atomic_write_text(markdown_path, _markdown(results, sources, entries, rows, plot_paths, skipped_reason, out_dir))
@@ -236,12 +242,17 @@ def _write_plots(entries: list[_Entry], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     machines = _machine_title(entries)
-    figures = {
-        "latency_distribution.png": _plot_distribution(plt, entries, machines),
-        "latency_scaling.png": _plot_scaling(plt, entries, machines),
-        "accuracy_latency_size.png": _plot_tradeoff(plt, entries, machines),
-        "cold_start.png": _plot_cold_start(plt, entries, machines),
-    }
+    figures = dict(
+        zip(
+            PLOT_NAMES,
+            (
+                _plot_distribution(plt, entries, machines),
+                _plot_scaling(plt, entries, machines),
+                _plot_tradeoff(plt, entries, machines),
+                _plot_cold_start(plt, entries, machines),
+            ),
+        )
+    )
     paths = []
     for name, figure in figures.items():
         if figure is None:

@@ -83,6 +83,9 @@ def test_report_labels_repeated_packages(result_files, tmp_path):
 def test_report_without_matplotlib(result_files, tmp_path):
     blocker = _write_blocker(tmp_path / "blocker", ("matplotlib",))
     out = tmp_path / "report"
+    # Plots from an earlier report in the same folder must not survive into a tables-only report.
+    assert _invoke("report", *result_files, "--out", out).exit_code == 0
+    assert list(out.glob("*.png"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(REPO_ROOT)]))
     completed = subprocess.run(
         [sys.executable, "-m", "edgemm.cli.main", "report", *map(str, result_files), "--out", str(out)],

@@ -97,9 +97,9 @@ def thread_environment(threads: int) -> dict[str, str]:
 def limit_library_threads(threads: int) -> Iterator[str]:
     """Cap the numpy/BLAS/OpenMP thread pools already loaded in this process at `threads`.
 
-    Uses threadpoolctl when it is installed and yields "threadpoolctl"; otherwise yields
-    "environment only", because the variables in `thread_environment` take effect only in a new
-    process (which is how cold-start runs are limited).
+    Yields "threadpoolctl" when threadpoolctl is installed and does the capping. Otherwise it
+    yields "environment only" and caps nothing, because the variables of `thread_environment`
+    take effect only in a new process. Cold-start processes get those variables.
     """
     try:
         from threadpoolctl import threadpool_limits

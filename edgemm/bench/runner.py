@@ -30,7 +30,7 @@ ProgressCallback = Callable[[str, int], None]
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What to measure and how; see `edgemm bench --help` for each option."""
+    """Settings of one benchmark run; `edgemm bench --help` describes each option."""
 
     packages: list[Path]
     threads: list[int] = field(default_factory=lambda: [1])

@@ -127,7 +127,7 @@ def _print_tables(result: dict[str, Any]) -> None:
                 f"{row['throughput_per_s']:.1f}",
                 _percent(row["preprocess_share"]),
                 f"{row['cpu_time_ratio']:.2f}",
-                f"{row['speedup_vs_baseline']:.2f}x" if row["speedup_vs_baseline"] is not None else "",
+                _speedup(row["speedup_vs_baseline"]),
             )
     console.print(latency)
 
@@ -153,6 +153,13 @@ def _print_tables(result: dict[str, Any]) -> None:
             f"{peak / 1e6:.0f}" if peak is not None else "n/a",
         )
     console.print(packages)
+
+
+def _speedup(value: float | None) -> str:
+    """Format a speed-up against the baseline, in red when the package is slower than the baseline."""
+    if value is None:
+        return ""
+    return f"[red]{value:.2f}x[/]" if value < 1.0 else f"{value:.2f}x"
 
 
 def _percent(value: float | None) -> str:
