@@ -24,7 +24,10 @@ from edgemm.runtime.spec import ImageSpec, InputSpec, TextSpec
 torch = pytest.importorskip("torch", reason="building test packages needs torch (the host extra)")
 nn = torch.nn
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:Constant folding:UserWarning"),
+]
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "cat", "runs", "on", "the", "beach", "red", "ball", "##s", ".", "word"]
 SPEC = InputSpec(text=TextSpec(max_length=16), image=ImageSpec(resize=40, crop=32))
@@ -108,6 +111,10 @@ def build_fusion_package(folder: Path, dynamic: bool = True, seed: int = 0) -> t
     model = TinyFusion()
     _export(model, folder / "model.onnx", _example_inputs(), ["logits"], dynamic=dynamic)
     _write_vocab(folder)
+    (folder / "samples").mkdir()
+    rng = np.random.default_rng(seed)
+    for index in range(2):
+        Image.fromarray(rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)).save(folder / "samples" / f"{index}.png")
     data = build_manifest(
         folder,
         kind="fusion_classifier",
@@ -122,6 +129,7 @@ def build_fusion_package(folder: Path, dynamic: bool = True, seed: int = 0) -> t
             "calibration": {"method": "minmax", "size": 64},
         },
         validation={"parity": {"max_abs_diff": 0.001}, "accuracy": {"before": 0.81, "after": 0.80}},
+        samples={"texts": ["a dog runs on the beach", "the red ball"], "images": ["samples/0.png", "samples/1.png"]},
     )
     write_manifest(folder, data)
     return folder, model
@@ -280,6 +288,107 @@ def test_fixed_shape_graph_padded(tmp_path, photos):
     np.testing.assert_allclose(prediction.logits, expected, atol=1e-5)
 
 
+def _write_half_precision_graph(path: Path) -> None:
+    """Write a graph with int32 text inputs, float16 pixels and float16 logits.
+
+    logits[:, 0] is the mean of attention_mask and logits[:, 1] the mean of pixel_values.
+    """
+    onnx = pytest.importorskip("onnx", reason="writing the graph needs onnx (the host extra)")
+    helper, TensorProto = onnx.helper, onnx.TensorProto
+    nodes = [
+        helper.make_node("Cast", ["attention_mask"], ["mask_float"], to=TensorProto.FLOAT16),
+        helper.make_node("ReduceMean", ["mask_float"], ["mask_mean"], axes=[1], keepdims=1),
+        helper.make_node("ReduceMean", ["pixel_values"], ["pixel_mean_4d"], axes=[1, 2, 3], keepdims=1),
+        helper.make_node("Squeeze", ["pixel_mean_4d", "spatial_axes"], ["pixel_mean"]),
+        helper.make_node("Cast", ["input_ids"], ["ids_unused"], to=TensorProto.FLOAT16),
+        helper.make_node("Concat", ["mask_mean", "pixel_mean"], ["logits"], axis=1),
+    ]
+    spatial_axes = helper.make_tensor("spatial_axes", TensorProto.INT64, [2], [2, 3])
+    graph = helper.make_graph(
+        nodes,
+        "half_precision",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT32, ["batch", "sequence"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT32, ["batch", "sequence"]),
+            helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT16, ["batch", 3, SPEC.image.crop, SPEC.image.crop]),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["batch", 2])],
+        initializer=[spatial_axes],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_half_precision_and_int32_inputs(tmp_path, photos):
+    import edgemm.runtime
+
+    folder = tmp_path / "fp16"
+    folder.mkdir()
+    _write_half_precision_graph(folder / "model.onnx")
+    _write_vocab(folder)
+    write_manifest(
+        folder,
+        build_manifest(
+            folder,
+            kind="fusion_classifier",
+            architecture="concat_fusion",
+            graphs={"model": "model.onnx"},
+            input_spec=SPEC,
+            opset=OPSET,
+            labels=["mismatch", "match"],
+            precision="fp16",
+        ),
+    )
+    model = edgemm.runtime.load(folder)
+    prediction = model.predict(["a dog", "the red ball on the beach"], photos[:2])
+
+    mask = model.preprocessor.texts(["a dog", "the red ball on the beach"])["attention_mask"]
+    pixels = model.preprocessor.images(photos[:2])["pixel_values"]
+    assert prediction.logits.dtype == np.float32
+    np.testing.assert_allclose(prediction.logits[:, 0], mask.mean(axis=1), atol=1e-3)
+    np.testing.assert_allclose(prediction.logits[:, 1], pixels.mean(axis=(1, 2, 3)), atol=2e-3)
+
+
+def test_package_from_edgemm_exporter(tmp_path, photos):
+    """A package built with edgemm's own exporter and model code runs and matches PyTorch."""
+    export = pytest.importorskip("edgemm.compression.export_onnx", reason="needs edgemm.compression.export_onnx")
+    from edgemm.models.checkpoint import load_checkpoint
+    from edgemm.models.testing import make_tiny_checkpoint
+    from edgemm.runtime.preprocess import Preprocessor
+
+    import edgemm.runtime
+
+    checkpoint = load_checkpoint(make_tiny_checkpoint(tmp_path / "checkpoint", "concat_fusion"))
+    preprocessor = Preprocessor(checkpoint.input_spec, checkpoint.vocab_path)
+    feed = {**preprocessor.texts(TEXTS[:2]), **preprocessor.images(photos[:2])}
+    examples = {name: torch.from_numpy(array) for name, array in feed.items()}
+    folder = tmp_path / "package"
+    folder.mkdir()
+    # The TorchScript exporter is several times faster than the default dynamo exporter on
+    # this model, and the runtime reads both graphs the same way.
+    export.export_onnx(checkpoint.model, folder / "model.onnx", example_inputs=examples, opset=18, exporter="torchscript", fallback=False)
+    shutil.copyfile(checkpoint.vocab_path, folder / "vocab.txt")
+    write_manifest(
+        folder,
+        build_manifest(
+            folder,
+            kind="fusion_classifier",
+            architecture="concat_fusion",
+            graphs={"model": "model.onnx"},
+            input_spec=checkpoint.input_spec,
+            opset=18,
+            labels=checkpoint.labels,
+        ),
+    )
+    prediction = edgemm.runtime.load(folder).predict(TEXTS, photos)
+
+    all_feed = {**preprocessor.texts(TEXTS), **preprocessor.images(photos)}
+    with torch.no_grad():
+        expected = checkpoint.model(*(torch.from_numpy(all_feed[name]) for name in ("input_ids", "attention_mask", "pixel_values")))
+    np.testing.assert_allclose(prediction.logits, expected.numpy(), atol=1e-4)
+
+
 # Bad inputs
 
 
@@ -375,7 +484,7 @@ def _rebuild_manifest(folder: Path, **changes) -> None:
     """Recompute checksums after a deliberate edit, so the check under test is the one that fires."""
     data = json.loads((folder / MANIFEST_NAME).read_text())
     data.update(changes)
-    fields = {key: data[key] for key in ("kind", "architecture", "graphs", "opset", "labels", "compression", "validation")}
+    fields = {key: data[key] for key in ("kind", "architecture", "graphs", "opset", "labels", "compression", "validation", "samples")}
     write_manifest(folder, build_manifest(folder, input_spec=data["inputs"], **fields))
 
 
@@ -558,6 +667,22 @@ def test_cli_run_errors(fusion, photos, tmp_path):
     assert "Got 2 texts but 1 images" in unpaired.stderr
 
 
+def test_cli_run_package_samples(fusion):
+    result = _cli("run", str(fusion[0]), "--json")
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [item["text"] for item in data["predictions"]] == ["a dog runs on the beach", "the red ball"]
+    assert data["predictions"][1]["image"].endswith("1.png")
+
+
+def test_cli_run_no_inputs_no_samples(dual):
+    result = _cli("run", str(dual[0]))
+
+    assert result.exit_code == 2
+    assert "stores no sample inputs" in result.stderr
+
+
 def test_cli_inspect(fusion):
     result = _cli("inspect", str(fusion[0]))
 
@@ -574,6 +699,7 @@ def test_cli_inspect_json(dual):
     assert data["kind"] == "dual_encoder"
     assert data["files"]["text_encoder.onnx"]["bytes"] > 0
     assert data["graphs"]["text_encoder"]["inputs"]["input_ids"]["shape"] == ["batch", "sequence"]
+    assert data["graphs"]["image_encoder"]["opsets"][""] == OPSET
 
 
 def test_cli_inspect_damaged_package(package_copy):

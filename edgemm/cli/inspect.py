@@ -68,10 +68,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
     console.print(inputs)
 
     graphs = Table(title="Graphs")
-    for column in ("graph", "file", "inputs", "outputs"):
+    for column in ("graph", "file", "opsets", "inputs", "outputs"):
         graphs.add_column(column)
     for name, graph in summary["graphs"].items():
-        graphs.add_row(name, escape(graph["file"]), _format_io(graph["inputs"]), _format_io(graph["outputs"]))
+        opsets = "\n".join(f"{escape(domain or 'ai.onnx')} {version}" for domain, version in graph["opsets"].items())
+        graphs.add_row(name, escape(graph["file"]), opsets, _format_io(graph["inputs"]), _format_io(graph["outputs"]))
     console.print(graphs)
 
     outputs = Table(title="Outputs")

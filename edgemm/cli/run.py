@@ -30,15 +30,30 @@ def run_command(
     """Run a model package: classify text-image pairs, or score texts against images.
 
     A fusion classifier pairs the i-th --text with the i-th --image. A dual encoder scores
-    every --text against every --image (cosine similarity).
+    every --text against every --image (cosine similarity). Without --text and --image,
+    the sample inputs stored in the package are used.
     """
     import edgemm.runtime
 
     model = edgemm.runtime.load(package, threads=threads)
+    if not text and not image:
+        text, image = _package_samples(model)
     if model.kind == "dual_encoder":
         _run_dual_encoder(model, text, image, as_json, batch_size)
     else:
         _run_fusion(model, text, image, as_json, batch_size)
+
+
+def _package_samples(model) -> tuple[list[str], list[Path]]:
+    samples = model.manifest.samples
+    texts = [str(text) for text in samples.get("texts", [])]
+    images = [model.manifest.path(str(image)) for image in samples.get("images", [])]
+    if not texts or not images:
+        raise InputError(
+            f"No --text or --image given, and {model.manifest.package_dir} stores no sample inputs.",
+            "Pass --text and --image.",
+        )
+    return texts, images
 
 
 def _run_fusion(model, texts: list[str], images: list[Path], as_json: bool, batch_size: int) -> None:

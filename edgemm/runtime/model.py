@@ -85,17 +85,20 @@ def load(
     threads: int | None = None,
     providers: Sequence[str] | None = None,
     max_pixels: int | None = None,
+    verify_checksums: bool = True,
 ) -> "FusionModel | DualEncoderModel":
     """Load and verify the model package in folder `path`.
 
     `threads` sets onnxruntime's intra-op thread count (None: onnxruntime's default, which
     is one thread per physical core). `providers` lists onnxruntime execution providers in order of
     preference (default: CPU). `max_pixels` overrides the image size limit of
-    `edgemm.runtime.image.DEFAULT_MAX_PIXELS`.
+    `edgemm.runtime.image.DEFAULT_MAX_PIXELS`. With `verify_checksums=False` the SHA-256 of
+    each file is not computed, which saves reading every file once more; sizes are still
+    checked.
 
     Raises `PackageError` for an invalid package and `ConfigError` for invalid options.
     """
-    manifest = read_manifest(Path(path))
+    manifest = read_manifest(Path(path), verify_checksums=verify_checksums)
     options = _session_options(threads)
     providers = _check_providers(providers)
     preprocessor_options = {} if max_pixels is None else {"max_pixels": max_pixels}
@@ -265,11 +268,12 @@ class _PackageModel:
         return self.manifest.kind
 
     def describe_graphs(self) -> dict[str, dict[str, Any]]:
-        """Return each loaded graph's file and its inputs and outputs (element type and shape) as onnxruntime reports them."""
+        """Return each loaded graph's file, opset per domain, and inputs and outputs (element type and shape)."""
         described = {}
         for graph, session in self._sessions.items():
             described[graph] = {
                 "file": self.manifest.graphs[graph],
+                "opsets": read_opset_imports(self.manifest.graph_path(graph)),
                 "inputs": {item.name: {"type": item.type, "shape": list(item.shape)} for item in session.get_inputs()},
                 "outputs": {item.name: {"type": item.type, "shape": list(item.shape)} for item in session.get_outputs()},
                 "providers": session.get_providers(),
