@@ -473,6 +473,7 @@ def test_text_tower_from_local_folder(tmp_path):
     state["pooler.dense.weight"] = torch.zeros(config.hidden_size, config.hidden_size)
     save_file(state, str(tmp_path / "model.safetensors"))
 
+    assert TextTowerConfig(source=str(tmp_path)).name == "local"
     model = create_model("dual_encoder", text_tower=str(tmp_path), pretrained=True).eval()
     input_ids, attention_mask, _ = make_inputs()
     with torch.no_grad():
@@ -481,6 +482,7 @@ def test_text_tower_from_local_folder(tmp_path):
     assert torch.equal(expected, actual)
     assert model.text_tower.config.source == str(tmp_path)
     assert default_vocab_path(model) == tmp_path / "vocab.txt"
+    assert default_input_spec(model).text.max_length == 64
 
 
 def test_text_tower_local_folder_missing_weights(tmp_path):
@@ -500,6 +502,9 @@ def test_image_tower_from_local_state_dict(tmp_path):
     pixel_values = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(original(pixel_values)[1], loaded(pixel_values)[1])
+
+    assert ImageTowerConfig(source=str(path)).name == "local"
+    assert ImageTowerConfig(source=str(path)).head_channels == 1280  # a local file holds Lite0 weights
 
     torch.save(original, tmp_path / "module.pth")  # a pickled module, not a state_dict
     with pytest.raises(CheckpointError, match="weights_only"):

@@ -89,12 +89,13 @@ def blocks_from_stages(stages: list[tuple[int, int, int, int, int, int]]) -> lis
 class ImageTowerConfig:
     """Every width of an EfficientNet-Lite encoder, block by block.
 
-    `name` is `tiny` or `efficientnet-lite0`. `source` optionally points at a local `.pth`
-    state_dict with the parameter names of efficientnet-lite0. Widths left empty are filled from
-    `name` when the config is created.
+    `name` is `tiny`, `efficientnet-lite0` or `local`. `source` optionally points at a local
+    `.pth` state_dict with the parameter names of efficientnet-lite0. `name` defaults to `tiny`,
+    or to `local` (Lite0 widths) when `source` is given. Widths left empty are filled from `name`
+    when the config is created.
     """
 
-    name: str = "tiny"
+    name: str | None = None
     source: str | None = None
     stem_channels: int | None = None
     blocks: list[BlockConfig] = field(default_factory=list)
@@ -108,6 +109,8 @@ class ImageTowerConfig:
     def __post_init__(self) -> None:
         if self.source is not None:
             self.source = str(self.source)
+        if self.name is None:
+            self.name = "tiny" if self.source is None else "local"
         self.blocks = [block if isinstance(block, BlockConfig) else BlockConfig(**block) for block in self.blocks]
         if self.stem_channels is None or self.head_channels is None or not self.blocks:
             if self.name == "tiny":

@@ -41,12 +41,13 @@ TEXT_TOWER_NAMES = ("tiny", "minilm-l6")
 class TextTowerConfig:
     """Every width of a BERT encoder, one entry per layer where pruning can change it.
 
-    `name` is `tiny` or `minilm-l6`. `source` optionally points at a local folder with
-    `config.json`, `model.safetensors` and `vocab.txt` in the Hugging Face BERT layout.
-    Widths left as None are filled from `name` or `source` when the config is created.
+    `name` is `tiny`, `minilm-l6` or `local`. `source` optionally points at a local folder with
+    `config.json`, `model.safetensors` and `vocab.txt` in the Hugging Face BERT layout. `name`
+    defaults to `tiny`, or to `local` when `source` is given. Widths left as None are filled
+    from `source` or `name` when the config is created.
     """
 
-    name: str = "tiny"
+    name: str | None = None
     source: str | None = None
     vocab_size: int | None = None
     hidden_size: int | None = None
@@ -62,6 +63,8 @@ class TextTowerConfig:
     def __post_init__(self) -> None:
         if self.source is not None:
             self.source = str(self.source)
+        if self.name is None:
+            self.name = "tiny" if self.source is None else "local"
         widths = (self.vocab_size, self.hidden_size, self.num_heads, self.head_dims, self.intermediate_sizes)
         if any(value is None for value in widths):
             defaults = _default_widths(self.name, self.source)
