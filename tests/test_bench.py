@@ -24,10 +24,11 @@ SAMPLE_COLOURS = [(200, 30, 30), (30, 160, 40), (40, 60, 200), (220, 220, 40)]
 TINY_SPEC = InputSpec(text=TextSpec(max_length=16), image=ImageSpec(resize=36, crop=32))
 
 
-def build_tiny_package(folder: Path, precision: str = "fp32", accuracy: float = 0.8, width: int = 16) -> Path:
+def build_tiny_package(folder: Path, precision: str = "fp32", accuracy: float = 80.0, width: int = 16) -> Path:
     """Export a tiny concat-fusion model to ONNX and write a model package around it.
 
     precision "int8-dynamic" quantizes the exported graph with onnxruntime's quantize_dynamic.
+    `accuracy` (percent) is recorded as validation results in the layout `edgemm compress` writes.
     """
     import torch
     from torch import nn
@@ -66,7 +67,7 @@ def build_tiny_package(folder: Path, precision: str = "fp32", accuracy: float = 
         opset=18,
         labels=["mismatch", "match"],
         precision=precision,
-        validation={"accuracy": {"accuracy": accuracy}},
+        validation={"before": {"accuracy": 80.0, "roc_auc": 0.9}, "after": {"accuracy": accuracy, "roc_auc": 0.9}, "passed": True},
         samples={"texts": SAMPLE_TEXTS, "images": image_names},
     )
     write_manifest(folder, manifest)
@@ -160,7 +161,7 @@ def packages(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("packages")
     return {
         "fp32": build_tiny_package(root / "tiny-fp32"),
-        "int8": build_tiny_package(root / "tiny-int8", precision="int8-dynamic", accuracy=0.78),
+        "int8": build_tiny_package(root / "tiny-int8", precision="int8-dynamic", accuracy=78.0),
         "dual": build_tiny_dual_encoder(root / "tiny-dual"),
     }
 
@@ -234,7 +235,7 @@ def test_bench_writes_full_result(packages, tmp_path):
     assert fp32["baseline"]
     assert not int8["baseline"]
     assert int8["precision"] == "int8-dynamic"
-    assert int8["manifest"]["validation"] == {"accuracy": {"accuracy": 0.78}}
+    assert int8["manifest"]["validation"]["after"]["accuracy"] == 78.0
     assert int8["size"]["model_bytes"] > 0
 
     settings = {(r["threads"], r["batch_size"], r["mode"]) for r in int8["results"]}

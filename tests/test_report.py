@@ -24,7 +24,7 @@ def result_files(tmp_path_factory) -> list[Path]:
     """Two result files: both packages at 1 thread, then the FP32 package alone at 2 threads."""
     root = tmp_path_factory.mktemp("report")
     fp32 = build_tiny_package(root / "tiny-fp32")
-    int8 = build_tiny_package(root / "tiny-int8", precision="int8-dynamic", accuracy=0.78)
+    int8 = build_tiny_package(root / "tiny-int8", precision="int8-dynamic", accuracy=78.0)
 
     first = run_benchmark(BenchConfig(packages=[int8], baseline=fp32, threads=[1], batch_sizes=[1, 2], runs=3, warmup=1, cold_starts=1))
     second = run_benchmark(BenchConfig(packages=[fp32], threads=[2], batch_sizes=[1, 2], runs=3, warmup=1, cold_starts=1))
@@ -63,7 +63,8 @@ def test_report_writes_markdown_csv_and_plots(result_files, tmp_path):
     assert {row["source"] for row in rows} == {"one-thread.json", "two-threads.json"}
     assert {row["threads"] for row in rows} == {"1", "2"}
     int8_rows = [row for row in rows if row["package"] == "tiny-int8"]
-    assert {row["accuracy"] for row in int8_rows} == {"0.78"}
+    assert {row["accuracy"] for row in int8_rows} == {"78"}
+    assert {row["accuracy_metric"] for row in int8_rows} == {"accuracy"}
     assert all(float(row["speedup_vs_baseline"]) > 0 for row in int8_rows)
     for row in rows:
         assert f"| {row['label']} |" in markdown

@@ -43,7 +43,17 @@ ROW_COLUMNS = (
 )
 
 # Metric names tried in order when picking one accuracy figure from a manifest's validation record.
-ACCURACY_KEYS = ("accuracy", "matching_accuracy", "top1", "top1_accuracy", "recall@1", "roc_auc", "auc")
+# `edgemm compress` records "accuracy" (percent) for fusion models and recall@k (percent) for dual encoders.
+ACCURACY_KEYS = (
+    "accuracy",
+    "text_to_image_recall@1",
+    "matching_accuracy",
+    "top1",
+    "top1_accuracy",
+    "recall@1",
+    "roc_auc",
+    "auc",
+)
 
 
 def load_result(path: Path) -> dict[str, Any]:
@@ -82,19 +92,22 @@ def check_result(data: Any, source: Path | str) -> None:
 
 
 def headline_accuracy(validation: dict[str, Any] | None) -> tuple[str | None, float | None]:
-    """Pick one accuracy figure of the compressed model from a manifest's `validation` record.
+    """Pick one accuracy figure of the packaged model from a manifest's `validation` record.
 
-    Looks under `validation["accuracy"]` (and its "compressed" entry, when present) for the
-    first of `ACCURACY_KEYS`. Returns (metric name, value), or (None, None) when none is found.
+    Looks, in this order, in `validation["after"]` (what `edgemm compress` writes: the metrics of
+    the compressed model), in `validation["accuracy"]["compressed"]` and in
+    `validation["accuracy"]`, for a `{"metric": NAME, "value": X}` pair or the first of
+    `ACCURACY_KEYS`. A plain number in `validation["accuracy"]` counts too. Returns
+    (metric name, value), or (None, None) when none is found.
     """
     if not validation:
         return None, None
     accuracy = validation.get("accuracy")
-    if isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool):
+    if _is_number(accuracy):
         return "accuracy", float(accuracy)
-    if not isinstance(accuracy, dict):
-        return None, None
-    candidates = [accuracy.get("compressed"), accuracy]
+    candidates = [validation.get("after")]
+    if isinstance(accuracy, dict):
+        candidates += [accuracy.get("compressed"), accuracy]
     for candidate in candidates:
         if not isinstance(candidate, dict):
             continue
