@@ -112,6 +112,17 @@ def test_tower_outputs_and_pooling():
     assert torch.allclose(image_pooled, feature_map.mean(dim=(2, 3)))
 
 
+def test_text_tower_runs_in_bfloat16():
+    torch.manual_seed(0)
+    tower = TextTower(TextTowerConfig(name="tiny")).eval()
+    input_ids, attention_mask, _ = make_inputs()
+    with torch.no_grad():
+        expected = tower(input_ids, attention_mask)[1]
+        actual = tower.to(torch.bfloat16)(input_ids, attention_mask)[1]
+    assert actual.dtype == torch.bfloat16
+    assert (actual.float() - expected).abs().max().item() < 0.1
+
+
 def test_dynamic_sequence_length():
     model = tiny_model("cross_attention")
     for length in (5, 19):

@@ -346,8 +346,9 @@ class TextTower(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
             self._check_inputs(input_ids, attention_mask)
-        additive_mask = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * MASK_VALUE
-        tokens = self.encoder(self.embeddings(input_ids), additive_mask)
+        hidden = self.embeddings(input_ids)
+        additive_mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * MASK_VALUE
+        tokens = self.encoder(hidden, additive_mask)
         return tokens, masked_mean(tokens, attention_mask)
 
     def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
