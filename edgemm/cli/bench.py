@@ -73,13 +73,14 @@ def bench_command(
         err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
     check_output_writable(out)
 
-    result = _run_with_progress(config, run_benchmark)
+    result = run_with_progress(config, run_benchmark)
     write_json(out, result)
-    _print_tables(result)
+    print_tables(result)
     console.print(f"Results written to {out}")
 
 
-def _run_with_progress(config: Any, run_benchmark: Any) -> dict[str, Any]:
+def run_with_progress(config: Any, run_benchmark: Any) -> dict[str, Any]:
+    """Call `run_benchmark(config)` under a rich progress bar on stderr and return its result."""
     import sys
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -96,7 +97,8 @@ def _run_with_progress(config: Any, run_benchmark: Any) -> dict[str, Any]:
         return run_benchmark(config, on_progress=on_progress, argv=sys.argv)
 
 
-def _print_tables(result: dict[str, Any]) -> None:
+def print_tables(result: dict[str, Any]) -> None:
+    """Print the machine line, the latency table and the size/cold-start/memory table of a result."""
     from rich.table import Table
 
     machine = result["machine"]
