@@ -3,14 +3,20 @@
 The steps follow the BERT normalizer and pre-tokenizer of the Hugging Face `tokenizers`
 library, which the tests use as the reference (checked against version 0.23.3):
 
-1. Clean: drop NUL, U+FFFD and every Unicode control character (category C*) except tab,
-   newline and carriage return, which count as whitespace like every Unicode White_Space char.
+1. Clean: drop U+FFFD and every character of category Cc, Cf, Co or Cs (NUL included) except
+   tab, newline and carriage return, which count as whitespace like every Unicode White_Space
+   character. Unassigned code points (Cn) are kept.
 2. Put spaces around CJK ideographs, so each becomes its own word.
 3. Strip accents (NFD, then drop non-spacing marks, category Mn) and lower-case, char by char.
 4. Split on whitespace, then isolate punctuation: Unicode P* plus the ASCII symbols
    ``!"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~``.
 5. Apply greedy longest-match-first WordPiece with a ``##`` prefix on continuation pieces. A
    word longer than 100 characters, or one with a piece missing from the vocabulary, becomes [UNK].
+
+NOTE: character categories come from Python's `unicodedata` (Unicode 14 in Python 3.11),
+while the reference uses older tables. A scan of U+0020..U+2FFFF found 503 code points that
+tokenize differently: marks, punctuation and format characters that Unicode added in recent
+versions, mostly for historic and minority scripts.
 
 Special tokens written inside the text (for example "[SEP]") are tokenized as plain text,
 unlike the `tokenizers` library, which matches them first. So user text cannot inject
@@ -33,13 +39,15 @@ MAX_CHARS_PER_WORD = 100
 CONTINUATION_PREFIX = "##"
 WORD_CACHE_SIZE = 1 << 16
 
+# BERT's CJK ranges as the reference implements them. It starts the fifth range at U+2B920
+# where BERT's original code starts it at U+2B820, so U+2B820..U+2B91F stay inside words.
 _CJK_RANGES = (
     (0x4E00, 0x9FFF),
     (0x3400, 0x4DBF),
     (0x20000, 0x2A6DF),
     (0x2A700, 0x2B73F),
     (0x2B740, 0x2B81F),
-    (0x2B820, 0x2CEAF),
+    (0x2B920, 0x2CEAF),
     (0xF900, 0xFAFF),
     (0x2F800, 0x2FA1F),
 )
@@ -61,7 +69,7 @@ def _is_punctuation(char: str) -> bool:
 def _is_removed(char: str) -> bool:
     if char in _WHITESPACE_CONTROLS:
         return False
-    return char == "\ufffd" or unicodedata.category(char).startswith("C")
+    return char == "\ufffd" or unicodedata.category(char) in ("Cc", "Cf", "Co", "Cs")
 
 
 def _lower(text: str) -> str:
