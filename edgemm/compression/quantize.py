@@ -49,9 +49,6 @@ STATIC_FLOAT_OUTPUT_OP_TYPES = ("MatMul", "Gemm")
 DEFAULT_DYNAMIC_OP_TYPES = ("MatMul",)
 HISTOGRAM_METHODS = ("entropy", "percentile")
 
-# Batches per calibration stride: onnxruntime keeps the activations of one stride in memory.
-CALIBRATION_STRIDE_BATCHES = 4
-
 
 @dataclass
 class QuantizeConfig:
@@ -580,16 +577,14 @@ def _restore_float_inputs(path: Path, quantized_nodes: set[str], original_produc
 
 
 def _calibration_stride(reader: Any) -> int | None:
-    """Return the batches per stride: the largest divisor of the batch count up to the limit.
+    """Return the batches per calibration stride, or None when the reader cannot stride.
 
-    onnxruntime requires the stride to divide the number of batches exactly.
+    onnxruntime keeps every activation of a stride in memory and requires the stride to divide
+    the number of batches, so one batch per stride keeps memory flat for any set size.
     """
     if not (hasattr(reader, "__len__") and hasattr(reader, "set_range")):
         return None
-    batches = len(reader)
-    if batches <= 0:
-        return None
-    return max(d for d in range(1, min(batches, CALIBRATION_STRIDE_BATCHES) + 1) if batches % d == 0)
+    return 1 if len(reader) > 0 else None
 
 
 def _quantize_dynamic(
