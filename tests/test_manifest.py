@@ -64,6 +64,28 @@ def test_build_write_read_round_trip(tmp_path):
     assert set(manifest.outputs) == {"logits"}
 
 
+def test_sample_images_are_checksummed(tmp_path):
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "0.jpg").write_bytes(b"jpeg bytes")
+    data = _make_package(tmp_path)
+    data = build_manifest(
+        tmp_path,
+        kind="fusion_classifier",
+        architecture="concat_fusion",
+        graphs=data["graphs"],
+        input_spec=data["inputs"],
+        opset=18,
+        labels=["mismatch", "match"],
+        samples={"texts": ["a dog"], "images": ["samples/0.jpg"]},
+    )
+    write_manifest(tmp_path, data)
+
+    assert read_manifest(tmp_path).samples["images"] == ["samples/0.jpg"]
+    (tmp_path / "samples" / "0.jpg").write_bytes(b"JPEG bytes")
+    with pytest.raises(PackageError, match="Checksum mismatch .*0.jpg"):
+        read_manifest(tmp_path)
+
+
 def test_dual_encoder_manifest(tmp_path):
     data = _make_package(tmp_path, kind="dual_encoder")
     manifest = validate_manifest(data, tmp_path)
@@ -128,6 +150,8 @@ INVALID_CASES = [
     ("bad digest", lambda d: d["files"]["model.onnx"].update(sha256="abc"), "64 lower-case hex digits"),
     ("negative size", lambda d: d["files"]["model.onnx"].update(bytes=-1), "'files.model.onnx.bytes' is -1"),
     ("not an object", lambda d: d.clear() or d.update(files=[]), "'format' is missing"),
+    ("sample not listed", lambda d: d.update(samples={"images": ["samples/0.jpg"]}), "sample image samples/0.jpg"),
+    ("sample texts type", lambda d: d.update(samples={"texts": "a dog"}), "'samples.texts' must be a list"),
 ]
 
 

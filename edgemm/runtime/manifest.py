@@ -273,7 +273,7 @@ def validate_manifest(data: Any, package_dir: Path, verify_checksums: bool = Tru
 
     compression = checker.optional(data, "compression", dict, {})
     validation = checker.optional(data, "validation", dict, {})
-    samples = checker.optional(data, "samples", dict, {})
+    samples = _check_samples(checker, data, files)
 
     manifest = Manifest(
         package_dir=package_dir,
@@ -399,6 +399,18 @@ def _check_threshold(checker: "_Checker", data: dict[str, Any]) -> float | None:
     return threshold
 
 
+def _check_samples(checker: "_Checker", data: dict[str, Any], files: dict[str, FileEntry]) -> dict[str, Any]:
+    samples = checker.optional(data, "samples", dict, {})
+    for key in ("texts", "images"):
+        values = checker.optional(samples, key, list, [], prefix="samples.")
+        for value in values:
+            checker.require_type(value, str, f"each entry of 'samples.{key}'")
+    for image in samples.get("images") or []:
+        if image not in files:
+            checker.fail(f"'files' has no entry for the sample image {image}, so its checksum cannot be verified")
+    return samples
+
+
 def _check_files(checker: "_Checker", data: dict[str, Any]) -> dict[str, FileEntry]:
     files = checker.require(data, "files", dict)
     entries = {}
@@ -444,10 +456,10 @@ class _Checker:
             self.fail(f"'{key}' is {value!r}, expected one of {list(choices)}")
         return value
 
-    def optional(self, data: dict[str, Any], key: str, expected: type, default: Any) -> Any:
+    def optional(self, data: dict[str, Any], key: str, expected: type, default: Any, prefix: str = "") -> Any:
         if data.get(key) is None:
             return default
-        self.require_type(data[key], expected, f"'{key}'")
+        self.require_type(data[key], expected, f"'{prefix}{key}'")
         return data[key]
 
     def optional_number(self, data: dict[str, Any], key: str) -> float | None:
