@@ -1,0 +1,240 @@
+"""Distillation recovery of pruned tiny models on synthetic scenes, in one process and under torchrun."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgemm.compression.prune import PruneConfig, prune_model
+from edgemm.compression.recover import RecoverConfig, prune_and_recover, recover
+from edgemm.data.synthetic import generate_scenes
+from edgemm.errors import ConfigError, DataError
+from edgemm.models import create_model, model_config
+from edgemm.models.registry import default_input_spec, default_vocab_path
+from edgemm.runtime.preprocess import Preprocessor
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny convolutions run far slower with 2 threads on a busy 2-core machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return generate_scenes(tmp_path_factory.mktemp("recover") / "scenes", 32, image_size=48, seed=3)
+
+
+def small_preprocessor(model) -> Preprocessor:
+    # 32x32 crops keep each step fast; the convolutional towers accept any size.
+    spec = default_input_spec(model)
+    spec = replace(spec, image=replace(spec.image, resize=36, crop=32))
+    return Preprocessor(spec, default_vocab_path(model))
+
+
+def example_inputs(preprocessor: Preprocessor, records) -> dict[str, torch.Tensor]:
+    arrays = preprocessor([record.text for record in records[:4]], [record.image for record in records[:4]])
+    return {name: torch.from_numpy(array) for name, array in arrays.items()}
+
+
+def confident_fusion_teacher(architecture: str):
+    """Return a random fusion model whose logits are far from uniform, so there is something to distil."""
+    torch.manual_seed(0)
+    model = create_model(architecture, pretrained=False).eval()
+    with torch.no_grad():
+        model.classifier.fc2.weight.mul_(30)
+    return model
+
+
+def trained_dual_teacher(scenes, preprocessor_of=small_preprocessor):
+    """Return a tiny dual encoder trained briefly on the scenes with the task loss only."""
+    torch.manual_seed(0)
+    model = create_model("dual_encoder", pretrained=False).eval()
+    config = RecoverConfig(steps=60, lr=2e-3, batch_size=8, alpha=0.0, feature_weight=0.0)
+    result = recover(model, copy.deepcopy(model), scenes, preprocessor_of(model), config)
+    assert result.after["accuracy"] > result.before["accuracy"]
+    return model.eval()
+
+
+def test_recover_dual_encoder(scenes):
+    teacher = trained_dual_teacher(scenes)
+    preprocessor = small_preprocessor(teacher)
+    pruned = prune_model(teacher, PruneConfig(ratio=0.5), example_inputs(preprocessor, scenes)).model
+
+    result = recover(pruned, teacher, scenes, preprocessor, RecoverConfig(steps=30, lr=1e-3, batch_size=8))
+
+    assert result.model is pruned
+    assert result.steps == 30
+    assert result.after["distillation"] < 0.5 * result.before["distillation"]
+    assert result.after["feature"] < result.before["feature"]
+    assert result.after["accuracy"] >= result.before["accuracy"]
+    assert result.history[-1]["step"] == 30
+    summary = result.to_dict()
+    assert summary["steps"] == 30
+    assert json.dumps(summary)
+
+
+@pytest.mark.parametrize("architecture", ["concat_fusion", "cross_attention"])
+def test_recover_fusion_classifier(scenes, architecture):
+    teacher = confident_fusion_teacher(architecture)
+    preprocessor = small_preprocessor(teacher)
+    pruned = prune_model(teacher, PruneConfig(ratio=0.5), example_inputs(preprocessor, scenes)).model
+
+    result = recover(pruned, teacher, scenes, preprocessor, RecoverConfig(steps=20, lr=1e-3, batch_size=8))
+
+    assert result.after["distillation"] < 0.5 * result.before["distillation"]
+    assert result.after["task"] < result.before["task"]
+    assert result.after["accuracy"] >= result.before["accuracy"]
+
+
+def test_recover_leaves_teacher(scenes):
+    teacher = confident_fusion_teacher("concat_fusion")
+    preprocessor = small_preprocessor(teacher)
+    pruned = prune_model(teacher, PruneConfig(ratio=0.3), example_inputs(preprocessor, scenes)).model
+    state = {name: value.clone() for name, value in teacher.state_dict().items()}
+
+    recover(pruned, teacher, scenes, preprocessor, RecoverConfig(steps=2, batch_size=8))
+
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, state[name]), name
+
+
+def test_recover_freezes_batchnorm(scenes):
+    teacher = confident_fusion_teacher("concat_fusion")
+    preprocessor = small_preprocessor(teacher)
+    pruned = prune_model(teacher, PruneConfig(ratio=0.3), example_inputs(preprocessor, scenes)).model
+    running_mean = pruned.image_tower._bn0.running_mean.clone()
+
+    recover(pruned, teacher, scenes, preprocessor, RecoverConfig(steps=2, batch_size=8))
+    assert torch.equal(pruned.image_tower._bn0.running_mean, running_mean)
+
+    recover(pruned, teacher, scenes, preprocessor, RecoverConfig(steps=2, batch_size=8, freeze_batchnorm=False))
+    assert not torch.equal(pruned.image_tower._bn0.running_mean, running_mean)
+
+
+def test_prune_and_recover_steps(scenes):
+    teacher = confident_fusion_teacher("cross_attention")
+    preprocessor = small_preprocessor(teacher)
+    inputs = example_inputs(preprocessor, scenes)
+    progress = []
+
+    result = prune_and_recover(
+        teacher,
+        PruneConfig(ratio=0.5, iterative_steps=2),
+        RecoverConfig(steps=4, lr=1e-3, batch_size=8),
+        inputs,
+        scenes,
+        preprocessor,
+        progress=lambda stage, done, total: progress.append((stage, done, total)),
+    )
+
+    assert len(result.recoveries) == 2
+    assert ("prune", 1, 2) in progress
+    assert ("prune", 2, 2) in progress
+    assert ("recover", 4, 4) in progress
+    assert result.prune.parts["text_tower"].param_reduction > 0.4
+    assert result.prune.parts["image_tower"].param_reduction > 0.4
+    assert result.prune.warnings == []
+    for recovery in result.recoveries:
+        assert recovery.after["distillation"] < recovery.before["distillation"]
+    config = model_config(result.model)
+    assert config["text_tower"]["hidden_size"] == 32
+    assert config["head"]["num_heads"] == [2]
+    with torch.no_grad():
+        assert result.model(**inputs).shape == (4, 2)
+    # The teacher is left unpruned.
+    assert teacher.text_tower.config.hidden_size == 64
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"alpha": 1.5}, "alpha=1.5"),
+        ({"batch_size": 1}, "batch_size=1"),
+        ({"lr": 0}, "lr=0"),
+        ({"steps": 0}, "steps=0"),
+        ({"temperature": -1.0}, "temperature=-1.0"),
+    ],
+)
+def test_recover_config_rejects(options, field):
+    with pytest.raises(ConfigError, match=field):
+        RecoverConfig(**options)
+
+
+def test_recover_config_unknown_key():
+    with pytest.raises(ConfigError, match="Unknown recover options"):
+        RecoverConfig.from_dict({"steps": 3, "learning_rate": 1e-3})
+
+
+def test_recover_rejects_too_few_records(scenes):
+    teacher = create_model("dual_encoder", pretrained=False).eval()
+    preprocessor = small_preprocessor(teacher)
+    with pytest.raises(DataError, match="at least 2"):
+        recover(copy.deepcopy(teacher), teacher, scenes[:1], preprocessor, RecoverConfig(steps=1))
+    with pytest.raises(DataError, match="No records"):
+        recover(copy.deepcopy(teacher), teacher, [], preprocessor, RecoverConfig(steps=1))
+
+
+DDP_SCRIPT = """
+import hashlib, json, os, sys
+from dataclasses import replace
+import torch
+torch.set_num_threads(1)
+from edgemm.compression.prune import PruneConfig, prune_model
+from edgemm.compression.recover import RecoverConfig, recover
+from edgemm.data.records import load_dataset
+from edgemm.models import create_model
+from edgemm.models.registry import default_input_spec, default_vocab_path
+from edgemm.runtime.preprocess import Preprocessor
+
+dataset, out = sys.argv[1], sys.argv[2]
+records = load_dataset(dataset)
+torch.manual_seed(0)
+teacher = create_model("concat_fusion", pretrained=False).eval()
+spec = default_input_spec(teacher)
+spec = replace(spec, image=replace(spec.image, resize=36, crop=32))
+preprocessor = Preprocessor(spec, default_vocab_path(teacher))
+arrays = preprocessor([r.text for r in records[:4]], [r.image for r in records[:4]])
+inputs = {name: torch.from_numpy(array) for name, array in arrays.items()}
+student = prune_model(teacher, PruneConfig(ratio=0.5), inputs).model
+result = recover(student, teacher, records, preprocessor, RecoverConfig(steps=3, batch_size=8))
+rank = int(os.environ["RANK"])
+digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in student.state_dict().values())).hexdigest()
+with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
+    json.dump({"returned": result is not None, "steps": result.steps if result else None, "digest": digest}, handle)
+"""
+
+
+def test_recover_under_torchrun(scenes, tmp_path):
+    script = tmp_path / "ddp_recover.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    dataset = scenes[0].image.parent.parent
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(script), str(dataset), str(tmp_path),
+    ]
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank0["returned"] is True
+    assert rank0["steps"] == 3
+    assert rank1["returned"] is False
+    # DDP averages gradients, so both ranks end with the same weights.
+    assert rank0["digest"] == rank1["digest"]
