@@ -402,6 +402,18 @@ def test_empty_text_rejected(fusion_model, photos):
         fusion_model.predict(["a dog", "  "], photos[:2])
 
 
+def test_error_position_counts_whole_batch(fusion_model, photos, tmp_path):
+    texts = TEXTS + ["a dog", ""]
+    images = photos + [photos[0], photos[1]]
+    with pytest.raises(InputError, match="position 6 of the batch is empty"):
+        fusion_model.predict(texts, images, batch_size=4)
+
+    images[5] = np.zeros((4, 4), dtype=np.float64)
+    texts[6] = "fine"
+    with pytest.raises(InputError, match="Image at position 5 of the batch: Image arrays must be uint8"):
+        fusion_model.predict(texts, images, batch_size=4)
+
+
 def test_bad_images_rejected(fusion_model, tmp_path):
     text_file = tmp_path / "notes.jpg"
     text_file.write_text("not an image")

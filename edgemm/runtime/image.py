@@ -239,19 +239,24 @@ class ImageTransform:
         self._mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, 1, 3)
         self._std = np.asarray(spec.std, dtype=np.float32).reshape(1, 1, 3)
 
-    def __call__(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray:
-        """Transform one image or a list of images into a float32 array [batch, 3, crop, crop]."""
+    def __call__(self, images: ImageSource | Sequence[ImageSource], first_position: int = 0) -> np.ndarray:
+        """Transform one image or a list of images into a float32 array [batch, 3, crop, crop].
+
+        An `InputError` for one image of several gives its position, counted from
+        `first_position` (for callers that split a larger batch).
+        """
         batch = image_batch(images)
         if not batch:
             raise InputError("The batch of images is empty.", "Pass at least one image.")
 
         output = np.empty((len(batch), 3, self.spec.crop, self.spec.crop), dtype=np.float32)
-        for position, source in enumerate(batch):
+        for index, source in enumerate(batch):
             try:
-                output[position] = self.transform_one(source)
+                output[index] = self.transform_one(source)
             except InputError as error:
-                if len(batch) == 1:
+                if len(batch) == 1 and first_position == 0:
                     raise
+                position = first_position + index
                 raise InputError(f"Image at position {position} of the batch: {error.message}", error.hint) from error
         return output
 

@@ -355,8 +355,8 @@ class FusionModel(_PackageModel):
         padding = self._text_padding("model")
         chunks = []
         for start in range(0, len(text_list), step):
-            feed = self.preprocessor.texts(text_list[start : start + step], padding=padding)
-            feed.update(self.preprocessor.images(image_list[start : start + step]))
+            feed = self.preprocessor.texts(text_list[start : start + step], padding=padding, first_position=start)
+            feed.update(self.preprocessor.images(image_list[start : start + step], first_position=start))
             chunks.append(self._run("model", feed, "logits"))
         return self._prediction(np.concatenate(chunks))
 
@@ -388,10 +388,10 @@ class DualEncoderModel(_PackageModel):
             raise InputError("Got no texts to encode.", "Pass at least one text.")
         step = self._batch_limit("text_encoder", batch_size)
         padding = self._text_padding("text_encoder")
-        chunks = [
-            self._run("text_encoder", self.preprocessor.texts(text_list[start : start + step], padding=padding), "text_embeds")
-            for start in range(0, len(text_list), step)
-        ]
+        chunks = []
+        for start in range(0, len(text_list), step):
+            feed = self.preprocessor.texts(text_list[start : start + step], padding=padding, first_position=start)
+            chunks.append(self._run("text_encoder", feed, "text_embeds"))
         return _l2_normalize(np.concatenate(chunks))
 
     def encode_image(self, images: ImageSource | Sequence[ImageSource], batch_size: int = 32) -> np.ndarray:
@@ -400,10 +400,10 @@ class DualEncoderModel(_PackageModel):
         if not image_list:
             raise InputError("Got no images to encode.", "Pass at least one image.")
         step = self._batch_limit("image_encoder", batch_size)
-        chunks = [
-            self._run("image_encoder", self.preprocessor.images(image_list[start : start + step]), "image_embeds")
-            for start in range(0, len(image_list), step)
-        ]
+        chunks = []
+        for start in range(0, len(image_list), step):
+            feed = self.preprocessor.images(image_list[start : start + step], first_position=start)
+            chunks.append(self._run("image_encoder", feed, "image_embeds"))
         return _l2_normalize(np.concatenate(chunks))
 
     def similarity(

@@ -36,15 +36,18 @@ class Preprocessor:
         self.tokenizer = WordPieceTokenizer.from_spec(spec.text, vocab_path)
         self.image_transform = ImageTransform(spec.image, max_pixels=max_pixels, use_draft=use_draft)
 
-    def texts(self, texts: str | Sequence[str], padding: str = "longest") -> dict[str, np.ndarray]:
-        """Tokenize texts, truncated to the spec's max_length and padded to the longest row or to max_length."""
-        encoded = self.tokenizer(texts, padding=padding)
+    def texts(self, texts: str | Sequence[str], padding: str = "longest", first_position: int = 0) -> dict[str, np.ndarray]:
+        """Tokenize texts, truncated to the spec's max_length and padded to the longest row or to max_length.
+
+        `first_position` is the position of the first text in the caller's whole batch, for error messages.
+        """
+        encoded = self.tokenizer(texts, padding=padding, first_position=first_position)
         ids_name, mask_name = self.spec.text.input_names
         return {ids_name: encoded["input_ids"], mask_name: encoded["attention_mask"]}
 
-    def images(self, images: ImageSource | Sequence[ImageSource]) -> dict[str, np.ndarray]:
-        """Load, resize, crop and normalise images."""
-        return {self.spec.image.input_name: self.image_transform(images)}
+    def images(self, images: ImageSource | Sequence[ImageSource], first_position: int = 0) -> dict[str, np.ndarray]:
+        """Load, resize, crop and normalise images; `first_position` works as in `texts`."""
+        return {self.spec.image.input_name: self.image_transform(images, first_position=first_position)}
 
     def __call__(
         self,

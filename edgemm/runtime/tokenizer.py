@@ -172,13 +172,16 @@ class WordPieceTokenizer:
         texts: str | Sequence[str],
         padding: str = "longest",
         max_length: int | None = None,
+        first_position: int = 0,
     ) -> dict[str, np.ndarray]:
         """Tokenize a text or a batch of texts.
 
         `padding="longest"` pads to the longest row of the batch and `"max_length"` pads every
         row to `max_length` (default: the spec's). Longer texts are truncated so that each row
         has at most `max_length` tokens including [CLS] and [SEP].
-        Raises `InputError` for a text that is not a string or is empty after cleaning.
+        Raises `InputError` for a text that is not a string or is empty after cleaning. The
+        message gives the text's position, counted from `first_position` (for callers that
+        split a larger batch).
         """
         if isinstance(texts, str):
             texts = [texts]
@@ -188,7 +191,7 @@ class WordPieceTokenizer:
         if limit < 3:
             raise ConfigError(f"max_length={limit} is too small.", "Use 3 or more: [CLS] and [SEP] take 2.")
 
-        rows = [self._encode(text, position, limit - 2) for position, text in enumerate(texts)]
+        rows = [self._encode(text, position, limit - 2) for position, text in enumerate(texts, start=first_position)]
         if not rows:
             raise InputError("The batch of texts is empty.", "Pass at least one text.")
 
