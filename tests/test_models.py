@@ -276,6 +276,13 @@ def test_unknown_names_raise():
         create_model("concat_fusion", image_tower="resnet", pretrained=False)
 
 
+def test_missing_local_paths_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no-such-folder"):
+        create_model("concat_fusion", text_tower=str(tmp_path / "no-such-folder"), pretrained=False)
+    with pytest.raises(CheckpointError, match="weights.pth"):
+        create_model("concat_fusion", image_tower=str(tmp_path / "weights.pth"), pretrained=True)
+
+
 def test_local_sources_missing_files(tmp_path):
     with pytest.raises(CheckpointError, match="config.json"):
         TextTowerConfig(name="local", source=str(tmp_path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -47,6 +48,12 @@ def _check_architecture(architecture: str) -> type[FusionModel]:
     return ARCHITECTURES[architecture]
 
 
+def _looks_like_path(value: str) -> bool:
+    # Tower names contain no path separator, so "/data/minilm" or "weights.pth" is a file or
+    # folder, and a missing one raises CheckpointError with its path instead of "unknown tower".
+    return Path(value).exists() or os.sep in value or "/" in value or value.endswith((".pth", ".pt"))
+
+
 def text_tower_config(text_tower: str | Path | TextTowerConfig | Mapping[str, Any]) -> TextTowerConfig:
     """Turn a tower name, a local folder, a dict or a config into a TextTowerConfig."""
     if isinstance(text_tower, TextTowerConfig):
@@ -54,7 +61,7 @@ def text_tower_config(text_tower: str | Path | TextTowerConfig | Mapping[str, An
     if isinstance(text_tower, Mapping):
         return TextTowerConfig.from_dict(text_tower)
     name = str(text_tower)
-    if Path(name).is_dir():
+    if _looks_like_path(name):
         return TextTowerConfig(name="local", source=name)
     return TextTowerConfig(name=name)
 
@@ -66,7 +73,7 @@ def image_tower_config(image_tower: str | Path | ImageTowerConfig | Mapping[str,
     if isinstance(image_tower, Mapping):
         return ImageTowerConfig.from_dict(image_tower)
     name = str(image_tower)
-    if Path(name).is_file():
+    if _looks_like_path(name):
         return ImageTowerConfig(name="local", source=name)
     return ImageTowerConfig(name=name)
 
