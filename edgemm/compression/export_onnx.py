@@ -9,11 +9,11 @@ op that PyTorch picks under `torch.no_grad()`. The dynamo exporter has neither p
 is the default, and the TorchScript exporter is only a fallback (with a logged warning) for
 models that `torch.export` cannot trace.
 
-Whatever the exporter, every graph goes through the same checks before `export_onnx` returns:
-`onnx.checker.check_model(full_check=True)`, the default-domain opset equals the requested
-one, each requested dynamic axis is symbolic (`dim_param`) on every graph input and output,
-and onnxruntime runs the graph at batch sizes and sequence lengths other than the example's
-with outputs that match PyTorch. Any failure raises `CompressionError` naming the graph, the
+Whatever the exporter, every graph goes through the same checks before `export_onnx` returns.
+The ONNX checker runs with `full_check=True`, and the default-domain opset must equal the
+requested one. Each requested dynamic axis must be symbolic (`dim_param`) on every graph input
+and output. Finally onnxruntime runs the graph at batch sizes and sequence lengths other than
+the example's, and its outputs must match PyTorch. Any failure raises `CompressionError` naming the graph, the
 axis and the fix.
 """
 
@@ -179,8 +179,8 @@ def output_names_for(graph: str, model: nn.Module, example_inputs: Mapping[str, 
         return ("text_embeds",)
     if graph == "image_encoder":
         return ("image_embeds",)
-    with torch.no_grad():
-        outputs = ModelGraph(model).eval()(*[example_inputs[name] for name in _GRAPH_INPUTS["model"]])
+    with _export_mode(model), torch.no_grad():
+        outputs = ModelGraph(model)(*[example_inputs[name] for name in _GRAPH_INPUTS["model"]])
     if len(outputs) == 2:
         return ("text_embeds", "image_embeds")
     if len(outputs) == 1:
@@ -243,12 +243,11 @@ def export_onnx(
     started = time.perf_counter()
     used = exporter
     with _export_mode(model):
+        module.eval()
         if exporter == "dynamo":
             require_onnxscript()
             try:
-                _export_dynamo(
-                    module, path, examples, input_names, output_names, dynamic_axes, opset, max_sequence
-                )
+                _export_dynamo(module, path, examples, input_names, output_names, dynamic_axes, opset, max_sequence)
             except Exception as error:  # torch.export raises many unrelated types for untraceable code
                 if not fallback:
                     raise CompressionError(
@@ -263,21 +262,23 @@ def export_onnx(
                 used = "torchscript"
         if used == "torchscript":
             _export_torchscript(module, path, examples, input_names, output_names, dynamic_axes, opset)
-    seconds = time.perf_counter() - started
-    logger.info("Exported graph %r with the %s exporter to %s in %.1f s.", graph, used, path, seconds)
+        seconds = time.perf_counter() - started
+        logger.info("Exported graph %r with the %s exporter to %s in %.1f s.", graph, used, path, seconds)
 
-    check_graph_file(path, graph=graph, opset=opset, input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)
-    checks = check_dynamic_shapes(
-        module,
-        path,
-        graph=graph,
-        exporter=used,
-        examples=examples,
-        output_names=output_names,
-        dynamic_batch=dynamic_batch,
-        dynamic_sequence=dynamic_sequence,
-        max_sequence=max_sequence,
-    )
+        check_graph_file(
+            path, graph=graph, opset=opset, input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes
+        )
+        checks = check_dynamic_shapes(
+            module,
+            path,
+            graph=graph,
+            exporter=used,
+            examples=examples,
+            output_names=output_names,
+            dynamic_batch=dynamic_batch,
+            dynamic_sequence=dynamic_sequence,
+            max_sequence=max_sequence,
+        )
     return ExportResult(
         graph=graph,
         path=path,

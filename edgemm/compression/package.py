@@ -131,10 +131,10 @@ def export_checkpoint(
     """Export a checkpoint folder to an FP32 model package in `out_dir` and return `out_dir`.
 
     Graphs: `model` for fusion classifiers; `model`, `text_encoder` and `image_encoder` for dual
-    encoders. Parity is measured on matching pairs of the dataset's validation split (the first
-    of `VALIDATION_SPLITS` it has, at most `parity_pairs` of them; None for all), or on synthetic
-    scenes when `dataset` is None, and on random inputs as an extra check. The checkpoint folder
-    is only read. `limits` is a `ParityLimits` (default: the FP32 limits).
+    encoders. Parity is measured on matching pairs of the dataset's validation split, which is
+    the first of `VALIDATION_SPLITS` the dataset has. At most `parity_pairs` pairs are used
+    (None for all). Without `dataset`, synthetic scenes are used instead, and random inputs are
+    always compared as an extra check. The checkpoint folder is only read. `limits` is a `ParityLimits` (default: the FP32 limits).
 
     Raises `CompressionError` when export or parity fails, `EdgemmError` when `out_dir` exists
     and `overwrite` is false, and `CheckpointError` / `DataError` for invalid inputs.
@@ -282,7 +282,7 @@ def _example_inputs(batch: Mapping[str, Any]) -> dict:
 
 
 def _pick_samples(pairs: Sequence) -> list:
-    """The first few pairs with distinct images, true ones (label 1 or None) first."""
+    """Pick the first few pairs with distinct images, true ones (label 1 or None) first."""
     ordered = [record for record in pairs if record.label != 0] + [record for record in pairs if record.label == 0]
     picked, seen = [], set()
     for record in ordered:
