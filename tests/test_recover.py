@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from edgemm.compression.prune import PruneConfig, prune_model
-from edgemm.compression.recover import RecoverConfig, prune_and_recover, recover
+from edgemm.compression.recover import RecoverConfig, calibration_batches, prune_and_recover, recover
 from edgemm.data.synthetic import generate_scenes
 from edgemm.errors import ConfigError, DataError
 from edgemm.models import create_model, model_config
@@ -173,6 +173,41 @@ def test_prune_and_recover_steps(scenes):
 def test_recover_config_rejects(options, field):
     with pytest.raises(ConfigError, match=field):
         RecoverConfig(**options)
+
+
+def test_calibration_batches_taylor(scenes):
+    teacher = confident_fusion_teacher("concat_fusion")
+    preprocessor = small_preprocessor(teacher)
+    batches = calibration_batches(teacher, scenes, preprocessor, count=3, batch_size=8)
+
+    assert len(batches) == 3
+    assert set(batches[0]) == {"input_ids", "attention_mask", "pixel_values", "labels"}
+    labels = torch.cat([batch["labels"] for batch in batches])
+    assert set(labels.tolist()) == {0, 1}
+
+    config = PruneConfig(ratio=0.5, importance="taylor", taylor_batches=3)
+    result = prune_model(teacher, config, example_inputs(preprocessor, scenes), calibration_batches=batches)
+    assert result.parts["text_tower"].param_reduction > 0.4
+    magnitude = prune_model(teacher, PruneConfig(ratio=0.5), example_inputs(preprocessor, scenes))
+    # Taylor and magnitude importance rank channels differently, so they keep different weights.
+    taylor_weight = result.model.classifier.fc1.weight
+    magnitude_weight = magnitude.model.classifier.fc1.weight
+    assert taylor_weight.shape == magnitude_weight.shape
+    assert not torch.equal(taylor_weight, magnitude_weight)
+
+
+def test_calibration_batches_dual_encoder(scenes):
+    model = create_model("dual_encoder", pretrained=False).eval()
+    batches = calibration_batches(model, scenes, small_preprocessor(model), count=2, batch_size=4)
+    assert len(batches) == 2
+    assert "labels" not in batches[0]
+    assert batches[0]["pixel_values"].shape == (4, 3, 32, 32)
+
+
+def test_recover_config_from_recipe():
+    config = RecoverConfig.from_recipe({"enabled": True, "epochs": 3, "lr": 3e-4, "alpha": 0.7})
+    assert config.epochs == 3
+    assert config.alpha == 0.7
 
 
 def test_recover_config_unknown_key():

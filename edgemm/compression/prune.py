@@ -429,8 +429,7 @@ def default_calibration_loss(model: nn.Module, batch: Mapping[str, Any]) -> torc
     InfoNCE loss of its batch (pair i matches pair i). Logits without labels use the model's own
     predictions as targets.
     """
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
-    output = call_with_inputs(model, inputs)
+    output = call_with_inputs(model, _model_inputs(batch))
     if isinstance(output, (tuple, list)) and len(output) == 2:
         return info_nce_loss(output[0], output[1], _logit_scale(model))
     if isinstance(output, torch.Tensor) and output.dim() == 2:
@@ -920,7 +919,7 @@ def _heads_by_part(session: PruningSession) -> dict[str, int]:
 
 
 def _model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in batch.items() if key != "labels"}
+    return {key: value for key, value in batch.items() if key not in ("labels", "label")}
 
 
 def finish_pruning(

@@ -107,6 +107,11 @@ class RecoverConfig:
             raise ConfigError(f"Unknown recover options: {unknown}.", f"Valid options are {sorted(known)}.")
         return cls(**dict(data))
 
+    @classmethod
+    def from_recipe(cls, section: Mapping[str, Any]) -> "RecoverConfig":
+        """Build the config from a recipe's `[recover]` section (its `enabled` switch is left out)."""
+        return cls.from_dict({key: value for key, value in section.items() if key != "enabled"})
+
 
 def _require(condition: bool, name: str, value: Any, hint: str) -> None:
     if not condition:
@@ -297,6 +302,37 @@ def _train_mode(model: nn.Module, freeze_batchnorm: bool) -> None:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
+
+
+def calibration_batches(
+    model: nn.Module,
+    records: Sequence[Record],
+    preprocessor: Any,
+    count: int,
+    batch_size: int = 8,
+    seed: int = 0,
+    match_index: int = 1,
+) -> list[dict[str, torch.Tensor]]:
+    """Return `count` batches for Taylor importance, built like the recovery data.
+
+    Each batch holds `input_ids`, `attention_mask` and `pixel_values`; fusion batches also hold
+    `labels` (class indices, "match" at `match_index`). Dual encoder batches hold matching pairs
+    only, because their loss treats the other pairs of the batch as negatives.
+    """
+    from edgemm.data.torch_data import PairDataset
+
+    settings = RecoverConfig(batch_size=max(batch_size, 2), seed=seed, match_index=match_index)
+    pairs = _prepare_records(model, records, settings)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    dataset = PairDataset([pairs[index] for index in order[: count * batch_size]], preprocessor)
+    batches = []
+    for start in range(0, len(dataset), batch_size):
+        batch = dataset.collate([dataset[index] for index in range(start, min(start + batch_size, len(dataset)))])
+        label = batch.pop("label")
+        if not is_dual_encoder(model):
+            batch["labels"] = torch.where(label == 1, match_index, 1 - match_index)
+        batches.append(batch)
+    return batches
 
 
 @torch.no_grad()
