@@ -126,7 +126,9 @@ def _plain(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_plain(item) for item in value) + "]"
+        if all(isinstance(item, (str, int, float, bool)) or item is None for item in value):
+            return "[" + ", ".join(_plain(item) for item in value) + "]"
+        return json.dumps(value)
     return str(value)
 
 

@@ -47,7 +47,10 @@ def run_command(
 def _package_samples(model) -> tuple[list[str], list[Path]]:
     samples = model.manifest.samples
     texts = [str(text) for text in samples.get("texts", [])]
-    images = [model.manifest.path(str(image)) for image in samples.get("images", [])]
+    images = []
+    for image in samples.get("images", []):
+        model.manifest.path(str(image))  # rejects a path that leaves the package
+        images.append(model.manifest.package_dir / str(image))
     if not texts or not images:
         raise InputError(
             f"No --text or --image given, and {model.manifest.package_dir} stores no sample inputs.",
