@@ -501,3 +501,54 @@ def test_fallback_limit_unreachable(tmp_path):
     with pytest.raises(AccuracyError, match="limit"):
         quantize_with_fallback(source, out, config, ArrayReader(batches), evaluate, max_drop=0.01, max_steps=2)
     assert not out.exists()
+
+
+def test_tiny_edgemm_model_mixed_towers(scenes, tmp_path):
+    from collections import Counter
+
+    from edgemm.compression.calibration import graph_input_names
+    from edgemm.compression.export_onnx import export_onnx
+    from edgemm.compression.quantize import node_towers
+    from edgemm.models.checkpoint import load_checkpoint
+    from edgemm.models.testing import make_tiny_checkpoint
+
+    checkpoint = load_checkpoint(make_tiny_checkpoint(tmp_path / "checkpoint", "concat_fusion"))
+    examples = {
+        "input_ids": torch.ones(2, 8, dtype=torch.int64),
+        "attention_mask": torch.ones(2, 8, dtype=torch.int64),
+        "pixel_values": torch.randn(2, 3, 64, 64),
+    }
+    path = tmp_path / "model.onnx"
+    export_onnx(checkpoint.model, path, example_inputs=examples)
+
+    towers = Counter(node_towers(onnx.load(str(path))).values())
+    assert towers["text"] > 0
+    assert towers["image"] > 0
+
+    calibration = CalibrationSet(path=scenes, size=8, batch_size=4)
+    reader = EdgemmCalibrationReader.from_spec(
+        calibration, graph_input_names(path), checkpoint.input_spec, checkpoint.vocab_path
+    )
+    feeds = reader.first_batch()
+    out = tmp_path / "mixed.onnx"
+    config = QuantizeConfig(mode="none", text_mode="int8-dynamic", image_mode="int8-static")
+
+    result = quantize_model(path, out, config, reader)
+
+    assert result.precision == "mixed"
+    assert result.nodes_quantized["int8-dynamic"] > 0
+    assert result.nodes_quantized["int8-static"] > 0
+    assert result.calibration["samples"] == 8
+    assert relative_error(run(path, feeds), run(out, feeds)) < 0.1
+
+
+def test_weight_only_int8(fusion_onnx, scenes, tmp_path):
+    feeds = make_reader(scenes).first_batch()
+    out = tmp_path / "weight_only.onnx"
+
+    result = quantize_model(fusion_onnx, out, QuantizeConfig(mode="int8-dynamic", weight_only=True))
+
+    assert result.weight_only is True
+    assert "MatMulNBits" in op_types(out)
+    assert "DynamicQuantizeLinear" not in op_types(out)
+    assert relative_error(run(fusion_onnx, feeds), run(out, feeds)) < 0.05

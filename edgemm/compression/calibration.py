@@ -383,25 +383,24 @@ class EdgemmCalibrationReader(CalibrationDataReader):
 def runtime_encoders(
     spec: Any, vocab_path: Path | None, input_names: Sequence[str]
 ) -> tuple[TextEncoder | None, ImageEncoder | None]:
-    """Return the runtime's tokenizer and image transform for `spec`, built only when the graph needs them."""
-    encode_text = None
-    encode_images = None
-    if any(name in TEXT_INPUTS for name in input_names):
-        from edgemm.runtime.tokenizer import WordPieceTokenizer
+    """Return the text and image encoders of the runtime's `Preprocessor` that the graph needs.
 
-        if vocab_path is None:
-            raise ConfigError("The graph takes text but no vocabulary was given.", "Pass the model's vocab.txt.")
-        encode_text = WordPieceTokenizer.from_spec(spec.text, Path(vocab_path))
-    if IMAGE_INPUT in input_names:
-        try:
-            from edgemm.runtime.image import ImageTransform
-        except ImportError as error:
-            raise ConfigError(
-                "Image calibration needs edgemm.runtime.image.ImageTransform, which is not installed.",
-                "Install the complete edgemm runtime.",
-            ) from error
-        encode_images = ImageTransform(spec.image)
-    return encode_text, encode_images
+    A graph without text inputs needs no vocabulary, so it gets the runtime's `ImageTransform`
+    alone (the one `Preprocessor` uses).
+    """
+    needs_text = any(name in TEXT_INPUTS for name in input_names)
+    needs_image = IMAGE_INPUT in input_names
+    if not needs_text:
+        from edgemm.runtime.image import ImageTransform
+
+        return None, ImageTransform(spec.image) if needs_image else None
+
+    from edgemm.runtime.preprocess import Preprocessor
+
+    if vocab_path is None:
+        raise ConfigError("The graph takes text but no vocabulary was given.", "Pass the model's vocab.txt.")
+    preprocessor = Preprocessor(spec, Path(vocab_path))
+    return preprocessor.tokenizer, preprocessor.image_transform if needs_image else None
 
 
 def graph_input_names(onnx_path: Path | str) -> list[str]:
