@@ -1,6 +1,6 @@
 """Calibration sets for static INT8 quantization: TOML definitions and a streaming reader.
 
-A calibration set definition (see `calibration/*.toml`) says which records to take, how many,
+A calibration set definition (see `calibration/*.toml`) sets which records to take, how many,
 and how to batch and pad them. `EdgemmCalibrationReader` turns those records into ONNX feed
 dicts one batch at a time with the runtime's tokenizer and image transform, so the ranges are
 computed on exactly the arrays the device will see.
@@ -40,7 +40,7 @@ ImageEncoder = Callable[[Sequence[Path]], np.ndarray]
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """Which records calibrate a model, how many, and how they are padded and batched.
+    """Definition of a calibration set: the records to take, their number, padding and batching.
 
     `text_padding="max_length"` pads every text to `max_length` tokens (default: the model's
     `TextSpec.max_length`). Keep it: the Entropy and Percentile calibrators of onnxruntime

@@ -52,7 +52,7 @@ HISTOGRAM_METHODS = ("entropy", "percentile")
 
 @dataclass
 class QuantizeConfig:
-    """How to quantize a graph.
+    """Settings of one quantization run.
 
     Args:
         mode: "int8-static" (QDQ, needs a calibration reader), "int8-dynamic", "fp16" or "none".
@@ -144,7 +144,7 @@ class QuantizeConfig:
 
 @dataclass
 class QuantizeResult:
-    """What `quantize_model` did: the manifest's `compression.quantization` record."""
+    """Record of one quantization run: the manifest's `compression.quantization` entry."""
 
     mode: str
     precision: str

@@ -61,6 +61,9 @@ def find_sensitive_nodes(
     Only float tensors whose name exists in both graphs are compared: quantizers keep the
     output names of the nodes they replace. `op_types` limits the ranking to nodes that can be
     excluded from quantization (None ranks every node).
+
+    NOTE: when static quantization folds a Relu or Clip into a Conv, the Conv's own output
+    tensor disappears, so that Conv is missing from the ranking.
     """
     import onnx
 
@@ -126,11 +129,11 @@ def _run_with_outputs(model: Any, names: Sequence[str], batches: Sequence[Feeds]
 
     session = ort.InferenceSession(augmented.SerializeToString(), providers=["CPUExecutionProvider"])
     output_names = [output.name for output in session.get_outputs()]
-    wanted = set(names)
+    requested = set(names)
     values: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for feeds in batches:
         for name, value in zip(output_names, session.run(output_names, feeds)):
-            if name in wanted:
+            if name in requested:
                 values[name].append(np.asarray(value))
     return values
 
