@@ -522,7 +522,7 @@ def test_image_tower_from_local_state_dict(tmp_path):
         assert torch.equal(original(pixel_values)[1], loaded(pixel_values)[1])
 
     assert ImageTowerConfig(source=str(path)).name == "local"
-    assert ImageTowerConfig(source=str(path)).head_channels == 1280  # a local file holds Lite0 weights
+    assert ImageTowerConfig(source=str(path)).head_channels == 1280  # a local file contains Lite0 weights
 
     torch.save(original, tmp_path / "module.pth")  # a pickled module, not a state_dict
     with pytest.raises(CheckpointError, match="weights_only"):
