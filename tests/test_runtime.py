@@ -288,44 +288,46 @@ def test_fixed_shape_graph_padded(tmp_path, photos):
     np.testing.assert_allclose(prediction.logits, expected, atol=1e-5)
 
 
-def _write_half_precision_graph(path: Path) -> None:
-    """Write a graph with int32 text inputs, float16 pixels and float16 logits.
+def _write_mean_graph(path: Path, half: bool = False, baked_batch: int | None = None) -> None:
+    """Write a graph whose logits are [mean of attention_mask, mean of pixel_values] per pair.
 
-    logits[:, 0] is the mean of attention_mask and logits[:, 1] the mean of pixel_values.
+    With `half`, the text inputs are int32 and pixels and logits float16. With `baked_batch`,
+    a Reshape hard-codes that batch size while the inputs still declare a dynamic batch.
     """
     onnx = pytest.importorskip("onnx", reason="writing the graph needs onnx (the host extra)")
     helper, TensorProto = onnx.helper, onnx.TensorProto
+    float_type = TensorProto.FLOAT16 if half else TensorProto.FLOAT
+    int_type = TensorProto.INT32 if half else TensorProto.INT64
+    concat_output = "logits" if baked_batch is None else "means"
     nodes = [
-        helper.make_node("Cast", ["attention_mask"], ["mask_float"], to=TensorProto.FLOAT16),
+        helper.make_node("Cast", ["attention_mask"], ["mask_float"], to=float_type),
         helper.make_node("ReduceMean", ["mask_float"], ["mask_mean"], axes=[1], keepdims=1),
         helper.make_node("ReduceMean", ["pixel_values"], ["pixel_mean_4d"], axes=[1, 2, 3], keepdims=1),
         helper.make_node("Squeeze", ["pixel_mean_4d", "spatial_axes"], ["pixel_mean"]),
-        helper.make_node("Cast", ["input_ids"], ["ids_unused"], to=TensorProto.FLOAT16),
-        helper.make_node("Concat", ["mask_mean", "pixel_mean"], ["logits"], axis=1),
+        helper.make_node("Cast", ["input_ids"], ["ids_unused"], to=float_type),
+        helper.make_node("Concat", ["mask_mean", "pixel_mean"], [concat_output], axis=1),
     ]
-    spatial_axes = helper.make_tensor("spatial_axes", TensorProto.INT64, [2], [2, 3])
+    initializers = [helper.make_tensor("spatial_axes", TensorProto.INT64, [2], [2, 3])]
+    if baked_batch is not None:
+        nodes.append(helper.make_node("Reshape", ["means", "baked_shape"], ["logits"]))
+        initializers.append(helper.make_tensor("baked_shape", TensorProto.INT64, [2], [baked_batch, 2]))
     graph = helper.make_graph(
         nodes,
-        "half_precision",
+        "means",
         [
-            helper.make_tensor_value_info("input_ids", TensorProto.INT32, ["batch", "sequence"]),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT32, ["batch", "sequence"]),
-            helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT16, ["batch", 3, SPEC.image.crop, SPEC.image.crop]),
+            helper.make_tensor_value_info("input_ids", int_type, ["batch", "sequence"]),
+            helper.make_tensor_value_info("attention_mask", int_type, ["batch", "sequence"]),
+            helper.make_tensor_value_info("pixel_values", float_type, ["batch", 3, SPEC.image.crop, SPEC.image.crop]),
         ],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["batch", 2])],
-        initializer=[spatial_axes],
+        [helper.make_tensor_value_info("logits", float_type, ["batch", 2])],
+        initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     onnx.save(model, str(path))
 
 
-def test_half_precision_and_int32_inputs(tmp_path, photos):
-    import edgemm.runtime
-
-    folder = tmp_path / "fp16"
-    folder.mkdir()
-    _write_half_precision_graph(folder / "model.onnx")
+def _package_graph(folder: Path, precision: str = "fp32") -> Path:
     _write_vocab(folder)
     write_manifest(
         folder,
@@ -337,10 +339,19 @@ def test_half_precision_and_int32_inputs(tmp_path, photos):
             input_spec=SPEC,
             opset=OPSET,
             labels=["mismatch", "match"],
-            precision="fp16",
+            precision=precision,
         ),
     )
-    model = edgemm.runtime.load(folder)
+    return folder
+
+
+def test_half_precision_and_int32_inputs(tmp_path, photos):
+    import edgemm.runtime
+
+    folder = tmp_path / "fp16"
+    folder.mkdir()
+    _write_mean_graph(folder / "model.onnx", half=True)
+    model = edgemm.runtime.load(_package_graph(folder, precision="fp16"))
     prediction = model.predict(["a dog", "the red ball on the beach"], photos[:2])
 
     mask = model.preprocessor.texts(["a dog", "the red ball on the beach"])["attention_mask"]
@@ -348,6 +359,20 @@ def test_half_precision_and_int32_inputs(tmp_path, photos):
     assert prediction.logits.dtype == np.float32
     np.testing.assert_allclose(prediction.logits[:, 0], mask.mean(axis=1), atol=1e-3)
     np.testing.assert_allclose(prediction.logits[:, 1], pixels.mean(axis=(1, 2, 3)), atol=2e-3)
+
+
+def test_graph_failing_at_run_time(tmp_path, photos):
+    import edgemm.runtime
+
+    folder = tmp_path / "baked"
+    folder.mkdir()
+    _write_mean_graph(folder / "model.onnx", baked_batch=2)
+    model = edgemm.runtime.load(_package_graph(folder))
+
+    assert model.predict(TEXTS[:2], photos[:2]).scores.shape == (2, 2)
+    with pytest.raises(PackageError, match="onnxruntime failed to run .*model.onnx on inputs of shapes") as caught:
+        model.predict(TEXTS[:3], photos[:3])
+    assert "export the package again with dynamic axes" in str(caught.value)
 
 
 def test_package_from_edgemm_exporter(tmp_path, photos):

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from edgemm.errors import ConfigError, InputError, PackageError
 from edgemm.runtime.image import ImageSource, image_batch
@@ -33,6 +34,12 @@ _ELEMENT_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
 }
+# Every exception type onnxruntime's Python binding defines; each derives from Exception directly.
+_ORT_ERRORS = tuple(
+    value
+    for value in vars(_ort_state).values()
+    if isinstance(value, type) and issubclass(value, Exception)
+) + (RuntimeError,)
 _SUPPORTED_OPSET = re.compile(r"official support for domain ai\.onnx is till opset (\d+)")
 
 
@@ -151,7 +158,7 @@ def _create_session(manifest: Manifest, graph: str, options: ort.SessionOptions,
 
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    except Exception as error:  # onnxruntime raises its own pybind11 exception types.
+    except _ORT_ERRORS as error:
         raise _session_error(path, opsets[""], error) from error
 
     _check_graph_io(manifest, graph, session)
@@ -318,7 +325,15 @@ class _PackageModel:
         if fixed and count < fixed:
             feed = {name: np.concatenate([array, np.repeat(array[-1:], fixed - count, axis=0)]) for name, array in feed.items()}
         typed = {name: feed[name].astype(inputs[name].dtype, copy=False) for name in inputs}
-        result = self._sessions[graph].run([output], typed)[0]
+        try:
+            result = self._sessions[graph].run([output], typed)[0]
+        except _ORT_ERRORS as error:
+            shapes = {name: list(array.shape) for name, array in typed.items()}
+            raise PackageError(
+                f"onnxruntime failed to run {self.manifest.graph_path(graph)} on inputs of shapes {shapes}: "
+                f"{_first_line(str(error))}",
+                "The graph does not accept these batch or sequence sizes; export the package again with dynamic axes.",
+            ) from error
         return np.asarray(result[:count], dtype=np.float32)
 
 
