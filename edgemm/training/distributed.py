@@ -1,7 +1,8 @@
 """Single-process or torchrun (DDP, gloo backend on CPU) execution context for training.
 
 Under `torchrun --nproc_per_node N` the launcher sets WORLD_SIZE, RANK and the rendezvous
-address; one process per rank then trains its shard of every epoch and gradients are averaged.
+address. One process per rank then trains on its shard of every epoch, and DDP averages the
+gradients.
 Only rank 0 writes files and reports progress.
 """
 

@@ -129,7 +129,7 @@ def evaluate_imagenet(
     batch_size: int = 32,
     progress: ProgressCallback | None = None,
 ) -> dict:
-    """Top-1 accuracy of a pretrained image tower's own ImageNet classifier, with the tower's preprocessing."""
+    """Measure top-1 accuracy of a pretrained image tower's own ImageNet classifier, with the tower's preprocessing."""
     from edgemm.models.image import ImageTower
     from edgemm.runtime.image import ImageTransform
 

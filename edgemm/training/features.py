@@ -1,10 +1,9 @@
 """Tower features for frozen-tower training and evaluation, with an optional cache file.
 
 With frozen towers only the head learns, so the towers run once per unique text and once per
-unique image; the head then trains on these tensors. The cache file stores plain tensors
-(`torch.save` of a dict, read back with `weights_only=True`) under a key built from the tower
-weights, the input spec and the inputs, so a changed model, spec or dataset never reuses stale
-features.
+unique image, and the head then trains on these tensors. The cache file stores plain tensors
+(`torch.save` of a dict, read back with `weights_only=True`). Its key hashes the tower weights,
+the input spec and the inputs, so a changed model, spec or dataset never reuses stale features.
 """
 
 from __future__ import annotations
@@ -39,8 +38,8 @@ CACHE_FORMAT_VERSION = 1
 class TowerFeatures:
     """Features of unique texts and images, in the order they were given.
 
-    `text` is [texts, H] for pooled features or [texts, max_length, H] for token features;
-    `text_mask` is the matching attention mask [texts, L]; `image` is [images, ...].
+    `text` is [texts, H] for pooled features or [texts, max_length, H] for token features.
+    `text_mask` is the attention mask [texts, max_length], and `image` is [images, ...].
     """
 
     text: torch.Tensor

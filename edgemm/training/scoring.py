@@ -93,7 +93,7 @@ def embed(model: nn.Module, features: TowerFeatures, batch_size: int = 512) -> t
 
 
 def matching_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -> dict:
-    """ROC-AUC, accuracy at `threshold` and the oracle accuracy at the best threshold for these labels.
+    """Compute ROC-AUC, accuracy at `threshold` and the oracle accuracy at the best threshold for these labels.
 
     The oracle figures are fitted on the labels being scored, so they are an upper bound and not
     an estimate of accuracy on new data.
@@ -115,7 +115,7 @@ def matching_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float | 
 def retrieval_metrics(
     model: nn.Module, features: TowerFeatures, table: FeatureTable, records: Sequence[Record]
 ) -> dict:
-    """Recall@1/5/10 text->image and image->text over the unique images of `records`.
+    """Compute recall@1/5/10 text->image and image->text over the unique images of `records`.
 
     Queries are the true captions (records labelled 0 are left out) and the gallery is every
     image with at least one caption.

@@ -1,19 +1,19 @@
 """Training of matching (fusion) models and dual encoders on a dataset folder.
 
 Frozen towers (the default): the towers run once over the unique texts and images, and only the
-head trains on those cached features, which takes minutes on a laptop CPU. With
-`freeze_towers=False` the whole model fine-tunes end to end and image augmentation applies.
+head trains on those cached features. With `freeze_towers=False` the whole model fine-tunes end
+to end and image augmentation applies.
 
 Threshold calibration: the images of the train split are divided, seeded, into a fit part and a
 held-out calibration part (`calibration_fraction`, 15 % by default). The head trains on the fit
-part only. After every epoch it is scored on fixed, seeded matching pairs of the calibration part;
-the epoch with the best calibration ROC-AUC (fusion) or mean recall (dual encoder) is kept, and
-the decision threshold is the accuracy-maximising threshold on those calibration pairs. A
+part only. After every epoch it is scored on fixed, seeded matching pairs of the calibration part.
+The epoch with the best calibration ROC-AUC (fusion) or mean recall (dual encoder) is kept. The
+decision threshold is the accuracy-maximising threshold on those calibration pairs, because a
 threshold fitted on the pairs the head trained on sits where an over-fitted head separates its
-own training data, which does not carry over to new data.
+own training data, and that does not carry over to new data.
 
 Distributed: under torchrun each rank computes the features of its shard of the unique texts and
-images, the shards are gathered so every rank holds all features, and each rank then trains on
+images, and the shards are gathered so every rank holds all features. Each rank then trains on
 its `DistributedSampler` shard of every epoch's pairs. Only rank 0 writes the checkpoint. A dual
 encoder's in-batch negatives come from the rank's own batch (embeddings are not gathered).
 """
@@ -183,7 +183,7 @@ def _prepare_data(config: TrainConfig, dataset_folder: Path) -> _PreparedData:
 
 
 def _epoch_pairs(config: TrainConfig, fit: list[Record], epoch: int) -> list[Record]:
-    """Pairs of one epoch, drawn again every epoch so the head sees new negatives.
+    """Draw the pairs of one epoch, with new negatives every epoch.
 
     Fusion: each caption with its image plus `negatives_per_positive` mismatched captions.
     Dual encoder: one random caption per image, so an image never appears twice in the
@@ -231,8 +231,8 @@ def _loss(output, labels: torch.Tensor, dual: bool, match_index: int) -> torch.T
         logits = scale * text_embeds @ image_embeds.T
         targets = torch.arange(logits.shape[0])
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-    # Labels are 1 for a match and 0 for a mismatch; the model's label order decides the class index.
-    classes = torch.where(labels == 1, match_index, 1 - match_index) if match_index in (0, 1) else labels
+    # Labels are 1 for a match and 0 for a mismatch, and the model's label order decides the class index.
+    classes = labels if match_index == 1 else 1 - labels
     return F.cross_entropy(output, classes)
 
 
