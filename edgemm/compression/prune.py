@@ -64,8 +64,9 @@ class PruneConfig:
     Each ratio is the fraction of channels removed per prunable group, strictly between 0 and 1.
     `importance` is "magnitude" (L2 norm of the weights) or "taylor" (weight times gradient,
     averaged over `taylor_batches` calibration batches). `global_pruning` ranks channels across
-    all groups of a part instead of within each group. `iterative_steps` reaches the ratio in
-    that many equal steps. `ignored_layers` lists module names (as in `model.named_modules()`)
+    all groups of a part instead of within each group; attention heads are always ranked within
+    their layer, so no layer loses all its heads. `iterative_steps` reaches the ratio in that
+    many equal steps. `ignored_layers` lists module names (as in `model.named_modules()`)
     whose output width must stay. With `strict`, a part that does not shrink raises
     CompressionError; otherwise it is reported in `PruneResult.warnings`.
     """
