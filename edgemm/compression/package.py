@@ -139,12 +139,13 @@ def export_checkpoint(
     Raises `CompressionError` when export or parity fails, `EdgemmError` when `out_dir` exists
     and `overwrite` is false, and `CheckpointError` / `DataError` for invalid inputs.
     """
-    from edgemm.compression.export_onnx import check_opset
+    from edgemm.compression.export_onnx import check_opset, require_onnxscript
     from edgemm.compression.parity import ParityLimits
 
     checkpoint_dir = Path(checkpoint_dir)
     out_dir = Path(out_dir)
     check_opset(opset)
+    require_onnxscript()
     limits = limits or ParityLimits()
     if out_dir.exists() and not overwrite:
         raise EdgemmError(f"Output folder {out_dir} already exists.", "Choose another --out or pass --overwrite.")
