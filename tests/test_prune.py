@@ -155,6 +155,18 @@ def test_prune_cross_attention_text_ratio_sets_width():
     assert result.model.image_proj.out_features == 32
 
 
+def test_prune_cross_attention_text_only():
+    model = tiny_model("cross_attention")
+    result = prune_model(model, PruneConfig(text_ratio=0.5), tiny_inputs(model))
+    config = model_config(result.model)
+    # The blocks' residual layers carry the text width, so they follow the text ratio.
+    assert config["text_tower"]["hidden_size"] == 32
+    assert config["head"]["width"] == 32
+    assert config["head"]["num_heads"] == [4]
+    assert config["image_tower"] == model.image_tower.config.to_dict()
+    assert result.warnings == []
+
+
 def test_prune_taylor_with_calibration():
     model = tiny_model("dual_encoder")
     batches = [tiny_inputs(model, batch=4, seed=seed) for seed in range(3)]

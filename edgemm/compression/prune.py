@@ -479,10 +479,11 @@ class PruningSession:
             parameter.requires_grad_(True)
 
         graph = build_dependency_graph(model, example_inputs)
+        self.owner = self._group_owners(graph)
         self.attention = [layer for layer in find_attention_layers(model) if layer.query in graph.module2node]
         self.initial_heads = {layer: layer.num_heads for layer in self.attention}
         self.interfaces = _interface_layers(graph, model)
-        ignored = self.interfaces + self._named_layers(config.ignored_layers) + self._unpruned_part_layers()
+        ignored = self.interfaces + self._named_layers(config.ignored_layers) + self._unpruned_part_layers(graph)
         if getattr(model, "architecture", "") == "cross_attention":
             # Its width follows the text tower's; `_tie_cross_attention_width` prunes it after each step.
             ignored.append(model.image_proj)
@@ -530,13 +531,13 @@ class PruningSession:
             )
         return [modules[name] for name in names]
 
-    def _unpruned_part_layers(self) -> list[nn.Module]:
+    def ratio_of(self, module: nn.Module) -> float | None:
+        """Return the prune ratio that applies to `module`'s output channels."""
+        return self.config.ratio_for(self.owner.get(module, self.part_of.get(module, "model")))
+
+    def _unpruned_part_layers(self, graph) -> list[nn.Module]:
         """Return the prunable layers of parts without a ratio, so their widths stay."""
-        layers = []
-        for part, roots in self.parts.items():
-            if self.config.ratio_for(part) is None:
-                layers.extend(module for root in roots for module in root.modules() if isinstance(module, _ROOT_TYPES))
-        return layers
+        return [module for module in graph.module2node if isinstance(module, _ROOT_TYPES) and self.ratio_of(module) is None]
 
     def _too_narrow_layers(self, graph, ignored: list[nn.Module]) -> list[nn.Module]:
         """Return layers whose rounded width after pruning would be zero; their groups keep their width.
@@ -548,7 +549,7 @@ class PruningSession:
         for module in graph.module2node:
             if not isinstance(module, _ROOT_TYPES) or module in ignored or _is_depthwise(module):
                 continue
-            ratio = self.config.ratio_for(self.part_of.get(module, "model"))
+            ratio = self.ratio_of(module)
             if ratio is None:
                 continue
             width = _out_width(module)
@@ -567,11 +568,10 @@ class PruningSession:
         A channel group that spans a tower and the head (the text residual width runs through
         the cross-attention blocks) belongs to the tower, so the tower's ratio sets its width.
         """
-        owner = self._group_owners(graph)
         members: dict[str, list[nn.Module]] = {}
         for module in graph.module2node:
             if module in self.part_of and not list(module.children()):
-                part = owner.get(module, self.part_of.get(module, "model"))
+                part = self.owner.get(module, self.part_of[module])
                 members.setdefault(part, []).append(module)
         ratios = {}
         for part, modules in members.items():
@@ -649,7 +649,7 @@ class PruningSession:
 
         graph = self.pruner.DG
         for layer in self.attention:
-            ratio = self.config.ratio_for(self.part_of.get(layer, "model"))
+            ratio = self.ratio_of(layer.query)
             if ratio is None or layer.query in self.ignored:
                 continue
             initial = self.initial_heads[layer]
