@@ -90,7 +90,7 @@ def _needs_draft(path: Path, spec: ImageSpec) -> bool:
 @pytest.mark.parametrize("spec", [SPEC, IMAGENET_SPEC], ids=["edgemm-default", "imagenet-bicubic"])
 def test_parity_with_reference_flickr(flickr_dir, spec):
     transform = ImageTransform(spec, use_draft=False)
-    paths = _sample(flickr_dir, 40)
+    paths = _sample(flickr_dir, 24)
     batch = transform(paths)
 
     assert batch.shape == (len(paths), 3, spec.crop, spec.crop)
@@ -102,7 +102,7 @@ def test_parity_with_reference_flickr(flickr_dir, spec):
 def test_parity_with_reference_imagenet_with_grayscale(imagenet_dir):
     grey = _grayscale(imagenet_dir)
     assert len(grey) >= 5
-    paths = grey + _sample(imagenet_dir, 40)
+    paths = grey + _sample(imagenet_dir, 24)
     exact = ImageTransform(SPEC, use_draft=False)
     drafted = ImageTransform(SPEC)
 
