@@ -228,6 +228,19 @@ def test_cli_train_writes_checkpoint_and_json(scenes, tmp_path, monkeypatch):
     assert list((tmp_path / "cache" / "features").glob("features-*.pt"))
 
 
+def test_builtin_dataset_is_generated_once(tmp_path, monkeypatch):
+    from edgemm.cli.train import BUILTIN_SCENES, resolve_dataset
+
+    monkeypatch.setenv("EDGEMM_CACHE_DIR", str(tmp_path / "cache"))
+    folder = resolve_dataset("builtin")
+    records = load_dataset(folder)
+    assert len(records) == BUILTIN_SCENES
+    assert {record.split for record in records} == {"train", "dev"}
+    stamp = (folder / "records.jsonl").stat().st_mtime_ns
+    assert resolve_dataset("builtin") == folder
+    assert (folder / "records.jsonl").stat().st_mtime_ns == stamp
+
+
 def _captions_folder(root: Path, rows: list[str], header: str = "image,caption,split") -> Path:
     from PIL import Image
 

@@ -70,7 +70,7 @@ def train_command(
     tower_lr: float = typer.Option(2e-5, "--tower-lr", help="AdamW learning rate of the towers with --unfreeze."),
     weight_decay: float = typer.Option(0.01, "--weight-decay", help="AdamW weight decay."),
     unfreeze: bool = typer.Option(False, "--unfreeze", help="Fine-tune the towers end to end instead of training the head on cached features."),
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="Random crop, flip and rotation of images (only with --unfreeze)."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Random crop, flip (with the caption mirrored), rotation and colour jitter of images; only with --unfreeze."),
     negatives: int = typer.Option(1, "--negatives", help="Mismatched captions per true caption (fusion models)."),
     calibration_fraction: float = typer.Option(
         0.15, "--calibration-fraction", help="Fraction of train images held out to pick the epoch and fit the decision threshold."
@@ -107,7 +107,7 @@ def train_command(
     config.validate()
     folder = resolve_dataset(dataset)
 
-    # Under torchrun only rank 0 reports; the other ranks train silently.
+    # Under torchrun only rank 0 reports, and the other ranks train silently.
     is_main = os.environ.get("RANK", "0") == "0"
     if is_main:
         with feature_progress() as progress:
