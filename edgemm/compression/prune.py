@@ -147,7 +147,8 @@ class PartReport:
     """Size of one part before and after pruning, with the ratio that was requested for it.
 
     `channels_*` sum the output widths of its prunable Linear and Conv layers (interface layers
-    excluded); `heads_*` sum the attention heads of its attention layers.
+    excluded), and `heads_*` sum the heads of its attention layers. MACs are for one forward
+    pass on the example inputs, so they scale with their batch size and sequence length.
     """
 
     requested_ratio: float | None
@@ -219,8 +220,6 @@ class PruneResult:
             "layers": [asdict(change) for change in self.layers],
             "warnings": list(self.warnings),
         }
-
-
 
 
 def find_parts(model: nn.Module) -> dict[str, list[nn.Module]]:
@@ -301,8 +300,6 @@ def _uses_bare_parameter(node) -> bool:
     return any(
         source.type == tp.ops.OPTYPE.PARAMETER and source.module.numel() > 1 for source in node.inputs
     )
-
-
 
 
 class _ActivationReadDetector(TorchFunctionMode):
@@ -411,8 +408,6 @@ def _bare_parameters(model: nn.Module, graph) -> list[tuple[str, tuple[int, ...]
 def _scalar_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Return parameters with at most one element (such as `logit_scale`), which have no channels."""
     return [parameter for parameter in model.parameters() if parameter.numel() <= 1]
-
-
 
 
 def _make_importance(name: str):
@@ -676,7 +671,7 @@ class PruningSession:
 
     def sync(self) -> None:
         """Write head counts and widths back into the attention modules and the configs."""
-        for index, layer in enumerate(self.attention):
+        for layer in self.attention:
             widths = {layer.query.out_features, layer.key.out_features, layer.value.out_features}
             inner = layer.query.out_features
             if len(widths) != 1 or inner % layer.num_heads != 0:
@@ -746,8 +741,6 @@ def _out_width(module: nn.Module) -> int:
 
 def _is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
-
-
 
 
 def _output_shapes(model: nn.Module, inputs: Any) -> list[tuple[int, ...]]:
