@@ -18,8 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 aten = torch.ops.aten
 
-# Attribute names of the parts that an edgemm architecture exposes; the rest of the model is the
-# fusion or projection head.
+# Attribute names of the towers of an edgemm architecture. The rest of the model is the fusion or
+# projection head.
 TOWER_ATTRIBUTES = ("text_tower", "image_tower")
 
 
@@ -75,7 +75,7 @@ def _count_flops_by_module(model: nn.Module, example_inputs: Any) -> dict[str, i
 def count_params_and_macs(module: nn.Module, example_inputs: Any) -> tuple[int, int]:
     """Return `(params, macs)` of `module` for one forward pass on `example_inputs`.
 
-    MACs are FLOPs of matmuls, linear layers, convolutions and attention divided by two; they
+    MACs are FLOPs of matmuls, linear layers, convolutions and attention divided by two. They
     scale with the batch size and sequence length of `example_inputs`.
     """
     flops = _count_flops_by_module(module, example_inputs)
