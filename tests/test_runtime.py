@@ -726,6 +726,17 @@ def test_cli_inspect(fusion):
     assert result.exit_code == 0, result.output
     for expected in ("fusion_classifier", "[mismatch, match]", "wordpiece", "model.onnx", "opset", "17", "0.5", "int8-static", "minmax"):
         assert expected in result.stdout
+    assert "params before" in result.stdout
+    assert "calibration samples" in result.stdout
+    assert "prune.macs_after" not in result.stdout
+
+
+def test_cli_inspect_full(fusion):
+    result = _cli("inspect", str(fusion[0]), "--full")
+
+    assert result.exit_code == 0, result.output
+    assert "prune.macs_after" in result.stdout
+    assert "accuracy.before" in result.stdout
 
 
 def test_cli_inspect_json(dual):

@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
 def inspect_command(
     package: Path = typer.Argument(..., help="Model package folder (contains manifest.json).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
+    full: bool = typer.Option(False, "--full", help="Also print every field of the compression and validation records."),
 ) -> None:
     """Verify a model package (checksums, opset, graph inputs and outputs) and summarise it.
 
@@ -34,7 +35,7 @@ def inspect_command(
     if as_json:
         typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
         return
-    _print_summary(summary)
+    _print_summary(summary, full=full)
 
 
 def package_summary(model) -> dict[str, Any]:
@@ -47,7 +48,7 @@ def package_summary(model) -> dict[str, Any]:
     return summary
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def _print_summary(summary: dict[str, Any], full: bool) -> None:
     console.print(f"[bold]{escape(summary['package_dir'])}[/]: verified (sizes, SHA-256 checksums, opset, graph inputs and outputs)")
     overview = Table(title="Package", show_header=False)
     overview.add_column("field")
@@ -89,9 +90,13 @@ def _print_summary(summary: dict[str, Any]) -> None:
         files.add_row(escape(name), _format_bytes(entry["bytes"]), entry["sha256"][:16] + "...")
     console.print(files)
 
+    console.print(_record_table(summary))
+    if not full:
+        console.print("Pass --full to list every field of the compression and validation records.")
+        return
     for section in ("compression", "validation"):
         record = summary.get(section) or {}
-        table = Table(title=section.capitalize(), show_header=False)
+        table = Table(title=f"{section.capitalize()} record", show_header=False)
         table.add_column("field")
         table.add_column("value")
         for key, value in _flatten(record):
@@ -99,6 +104,51 @@ def _print_summary(summary: dict[str, Any]) -> None:
         if not record:
             table.add_row("(none)", "the package records no " + section)
         console.print(table)
+
+
+# Where each summary row is found in the compression and validation records. Several paths
+# are listed because the records differ between the steps that write them (compress, export);
+# the first path present wins.
+_RECORD_ROWS = (
+    ("prune ratio", ("compression.prune.ratio",)),
+    ("pruned", ("compression.prune.enabled",)),
+    ("params before", ("compression.size.total.params_before", "compression.prune.params_before")),
+    ("params after", ("compression.size.total.params_after", "compression.prune.params_after")),
+    ("MACs before", ("compression.size.total.macs_before", "compression.prune.macs_before")),
+    ("MACs after", ("compression.size.total.macs_after", "compression.prune.macs_after")),
+    ("quantization", ("compression.quantization.mode", "compression.quantization.scheme")),
+    ("per-channel", ("compression.quantization.per_channel",)),
+    ("calibration method", ("compression.quantization.calibration.method", "compression.calibration.method")),
+    ("calibration samples", ("compression.quantization.calibration.samples", "compression.calibration.size")),
+    ("calibration source", ("compression.calibration.source", "compression.calibration.path")),
+    ("accuracy before", ("validation.before.accuracy", "validation.accuracy.before")),
+    ("accuracy after", ("validation.after.accuracy", "validation.accuracy.after")),
+    ("parity: max |score diff|", ("validation.parity.max_abs_score_diff", "validation.parity.max_abs_logit_diff", "validation.parity.max_abs_diff")),
+    ("parity: decision agreement", ("validation.parity.decision_agreement",)),
+    ("validation passed", ("validation.passed", "validation.parity.passed")),
+)
+
+
+def _record_table(summary: dict[str, Any]) -> Table:
+    table = Table(title="Compression and validation", show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    for label, paths in _RECORD_ROWS:
+        value = next((found for found in (_lookup(summary, path) for path in paths) if found is not None), None)
+        if value is not None:
+            table.add_row(label, _format(value))
+    if not table.rows:
+        table.add_row("(none)", "the package records no compression or validation results")
+    return table
+
+
+def _lookup(data: dict[str, Any], dotted: str) -> Any:
+    value: Any = data
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -125,6 +175,8 @@ def _plain(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
     if isinstance(value, (list, tuple)):
         if all(isinstance(item, (str, int, float, bool)) or item is None for item in value):
             return "[" + ", ".join(_plain(item) for item in value) + "]"
