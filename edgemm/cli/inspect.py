@@ -106,9 +106,9 @@ def _print_summary(summary: dict[str, Any], full: bool) -> None:
         console.print(table)
 
 
-# Where each summary row is found in the compression and validation records. Several paths
-# are listed because the records differ between the steps that write them (compress, export);
-# the first path present wins.
+# Summary rows, each with the dotted paths of its value in the manifest. The records differ
+# between the steps that write them (compress, export), so a row lists several paths and
+# the first one present wins.
 _RECORD_ROWS = (
     ("prune ratio", ("compression.prune.ratio",)),
     ("pruned", ("compression.prune.enabled",)),
