@@ -294,6 +294,19 @@ def test_end_to_end_matches_runtime(packages, name):
     np.testing.assert_allclose(measured, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_cold_start_memory_excludes_parent(packages):
+    import numpy as np
+
+    from edgemm.bench._cold import measure_cold_starts
+
+    # 400 MB touched in this process: a child that inherited the parent's peak would report more.
+    ballast = np.ones(50_000_000)
+    cold = measure_cold_starts(packages["fp32"], threads=1, runs=1)
+
+    assert ballast.nbytes == 400_000_000
+    assert 10_000_000 < cold["peak_rss_bytes"] < 300_000_000
+
+
 def test_single_thread_uses_one_core(packages):
     config = BenchConfig(packages=[packages["fp32"]], threads=[1], batch_sizes=[8], runs=30, warmup=2, cold_starts=0)
     result = run_benchmark(config)

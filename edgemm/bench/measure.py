@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 logger = logging.getLogger(__name__)
@@ -111,18 +111,27 @@ def limit_library_threads(threads: int) -> Iterator[str]:
 
 
 def process_peak_rss_bytes() -> int | None:
-    """Return this process's peak resident set size in bytes, or None where the OS does not report it."""
+    """Return this process's peak resident set size in bytes, or None where the OS does not report it.
+
+    On Linux this is VmHWM from /proc/self/status, the high-water mark of the current address
+    space. `ru_maxrss` is not used there, because it keeps the parent's peak across fork and
+    exec, so a child started by a large benchmark process would report the parent's size.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # the kernel reports kB
     try:
         import resource
     except ImportError:
         resource = None
     if resource is not None:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        # Linux reports kilobytes, macOS bytes.
-        return int(peak) if os.uname().sysname == "Darwin" else int(peak) * 1024
+        # NOTE: on macOS ru_maxrss is in bytes; whether it too carries the parent's peak over
+        # fork and exec has not been checked.
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
     import psutil
 
-    info = psutil.Process().memory_info()
-    peak_wset = getattr(info, "peak_wset", None)  # Windows only
+    peak_wset = getattr(psutil.Process().memory_info(), "peak_wset", None)  # Windows only
     return int(peak_wset) if peak_wset is not None else None

@@ -114,6 +114,7 @@ def run_benchmark(config: BenchConfig, on_progress: ProgressCallback | None = No
         logger.debug(message)  # returned in the result's "warnings"; the CLI prints them before measuring
     progress = on_progress or (lambda description, done: None)
 
+    load_before = _load_average()
     package_dirs = _package_list(config)
     manifests = {path: check_package(path, config.providers) for path in package_dirs}
     shared_inputs = load_dataset_inputs(config.dataset) if config.dataset is not None else None
@@ -136,6 +137,10 @@ def run_benchmark(config: BenchConfig, on_progress: ProgressCallback | None = No
         packages.append(record)
 
     _add_speedups(packages)
+    load_after = _load_average()
+    busy = _busy_machine_warning(load_before, load_after)
+    if busy is not None:
+        warnings.append(busy)
     return {
         "format": RESULT_FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -145,8 +150,29 @@ def run_benchmark(config: BenchConfig, on_progress: ProgressCallback | None = No
         "machine": machine.describe_machine(),
         "settings": _settings_record(config, shared_inputs),
         "warnings": warnings,
+        "load_average": {"before": load_before, "after": load_after},
         "packages": packages,
     }
+
+
+def _load_average() -> list[float] | None:
+    """Return the 1, 5 and 15 minute load averages, or None where the OS has none (Windows)."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _busy_machine_warning(before: list[float] | None, after: list[float] | None) -> str | None:
+    """Warn when the 1-minute load average reached the usable core count: other work competed for the CPU."""
+    loads = [sample[0] for sample in (before, after) if sample is not None]
+    cores = machine.usable_core_count()
+    if not loads or max(loads) < cores:
+        return None
+    return (
+        f"The 1-minute load average reached {max(loads):.1f} on {cores} usable cores, so other processes "
+        "competed for the CPU and latencies are noisy; compare cpu_time_ratio, and re-run on an idle machine."
+    )
 
 
 def _package_list(config: BenchConfig) -> list[Path]:

@@ -69,13 +69,16 @@ def bench_command(
         preprocess=preprocess,
         allow_spinning=allow_spinning,
     )
-    for message in check_config(config):
+    early_warnings = check_config(config)
+    for message in early_warnings:
         err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
     check_output_writable(out)
 
     result = run_with_progress(config, run_benchmark)
     write_json(out, result)
     print_tables(result)
+    for message in result["warnings"][len(early_warnings) :]:
+        err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
     console.print(f"Results written to {out}")
 
 
