@@ -13,6 +13,7 @@ from edgemm.errors import CompressionError, ConfigError
 from edgemm.models import build_model, create_model, load_checkpoint, model_config, save_checkpoint
 from edgemm.models.image import ImageTowerConfig
 from edgemm.models.registry import default_input_spec, default_vocab_path
+from edgemm.models.testing import make_tiny_checkpoint
 
 ARCHITECTURES = ["concat_fusion", "cross_attention", "dual_encoder"]
 
@@ -62,10 +63,17 @@ def pruned_layers(model: nn.Module, reference: nn.Module) -> list[tuple[str, int
     return changed
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """Return a checkpoint folder per architecture, written as `edgemm train` would."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {architecture: make_tiny_checkpoint(root / architecture, architecture) for architecture in ARCHITECTURES}
+
+
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_prune_architecture(architecture, ratio, tmp_path):
-    model = tiny_model(architecture)
+def test_prune_architecture(architecture, ratio, tiny_checkpoints, tmp_path):
+    model = load_checkpoint(tiny_checkpoints[architecture]).model
     inputs = tiny_inputs(model)
     reference_shapes = [tuple(output.shape) for output in outputs_of(model, inputs)]
 

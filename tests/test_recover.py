@@ -107,8 +107,10 @@ def test_recover_leaves_teacher(scenes):
     pruned = prune_model(teacher, PruneConfig(ratio=0.3), example_inputs(preprocessor, scenes)).model
     state = {name: value.clone() for name, value in teacher.state_dict().items()}
 
-    recover(pruned, teacher, scenes, preprocessor, RecoverConfig(steps=2, batch_size=8))
+    result = recover(pruned, teacher, scenes, preprocessor, RecoverConfig(epochs=1, batch_size=8))
 
+    # One epoch over 32 positives and 32 negatives in batches of 8.
+    assert result.steps == 8
     for name, value in teacher.state_dict().items():
         assert torch.equal(value, state[name]), name
 
