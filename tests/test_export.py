@@ -273,3 +273,41 @@ def test_parity_detects_other_weights(mha_export):
     assert not other.passed
     assert other.max_abs_logit_diff > ParityLimits().max_abs_logit_diff
     assert "max |logit diff|" in other.failures[0]
+
+
+class DataDependentEncoder(nn.Module):
+    """An image encoder with a branch on tensor values, which torch.export cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def encode_image(self, pixel_values):
+        features = self.conv(pixel_values).mean(dim=(2, 3))
+        if pixel_values.max() > 1000:
+            features = features * 2
+        return features
+
+
+def test_untraceable_model_falls_back(tmp_path, caplog):
+    examples = {"pixel_values": torch.randn(2, 3, 8, 8)}
+
+    with caplog.at_level("WARNING", logger="edgemm.compression.export_onnx"):
+        result = export_onnx(DataDependentEncoder(), tmp_path / "image.onnx", graph="image_encoder", example_inputs=examples)
+
+    assert result.exporter == "torchscript"
+    assert result.output_names == ("image_embeds",)
+    assert "retrying with the TorchScript exporter" in caplog.text
+    assert "data-dependent" in caplog.text
+
+
+def test_untraceable_model_without_fallback_fails(tmp_path):
+    examples = {"pixel_values": torch.randn(2, 3, 8, 8)}
+
+    with pytest.raises(CompressionError) as raised:
+        export_onnx(
+            DataDependentEncoder(), tmp_path / "image.onnx", graph="image_encoder", example_inputs=examples, fallback=False
+        )
+
+    assert "dynamo exporter failed on graph 'image_encoder'" in str(raised.value)
+    assert "data-dependent" in str(raised.value)

@@ -19,7 +19,10 @@ axis and the fix.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -471,6 +474,18 @@ def _export_dynamo(
     dynamic_shapes = {
         name: {axis: dims[axis_name] for axis, axis_name in dynamic_axes.get(name, {}).items()} for name in input_names
     }
+    # torch.onnx prints the exported program to stdout when a strategy fails; a library must not
+    # print, so that text goes to the debug log.
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            _call_dynamo_exporter(module, path, examples, input_names, output_names, dynamic_shapes, opset)
+    finally:
+        if captured.getvalue():
+            logger.debug("Output of the dynamo exporter:\n%s", captured.getvalue())
+
+
+def _call_dynamo_exporter(module, path, examples, input_names, output_names, dynamic_shapes, opset) -> None:
     torch.onnx.export(
         module,
         tuple(examples[name] for name in input_names),
@@ -608,6 +623,12 @@ def _parameter_bytes(model: nn.Module) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in list(model.parameters()) + list(model.buffers()))
 
 
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
+    """Return the first line of the innermost cause, which names the failing operation."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = _ANSI_ESCAPE.sub("", str(error)).strip() or type(error).__name__
     return text.splitlines()[0][:400]
