@@ -373,6 +373,10 @@ def _plot_tradeoff(plt: Any, entries: list[_Entry], machines: str) -> Any:
     else:
         axis.set_ylabel("model size on disk (MB)")
         axis.set_title(f"Latency and size (no manifest records accuracy)\n{machines}", fontsize=10)
+    missing = [point[0] for point in points if point[3] is None]
+    if have_accuracy and missing:
+        note = "not shown, no accuracy in the manifest: " + ", ".join(missing)
+        axis.text(0.01, 0.01, note, transform=axis.transAxes, fontsize=7, va="bottom")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, markerscale=0.4)
     return figure
