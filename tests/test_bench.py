@@ -492,3 +492,29 @@ def test_parse_macos_sysctl():
     assert (model, source) == ("Apple M2", "sysctl")
     assert [name for name in ("neon", "asimddp", "fp16") if not simd[name]] == []
     assert [name for name in ("i8mm", "avx2") if simd[name]] == []
+
+
+def test_contention_warnings():
+    from edgemm.bench.machine import usable_core_count
+    from edgemm.bench.runner import _contention_warnings
+
+    def packages_with(ratio: float) -> list[dict]:
+        return [{"results": [{"threads": 1, "cpu_time_ratio": ratio}, {"threads": 2, "cpu_time_ratio": 0.1}]}]
+
+    assert _contention_warnings([0.0, 0.0, 0.0], packages_with(0.95)) == []
+    starved = _contention_warnings([0.0, 0.0, 0.0], packages_with(0.5))
+    assert len(starved) == 1
+    assert "50% of a core" in starved[0]
+    busy = _contention_warnings([usable_core_count() + 0.5, 0.0, 0.0], packages_with(0.95))
+    assert len(busy) == 1
+    assert "load average" in busy[0]
+
+
+def test_baseline_listed_twice_measured_once(packages, monkeypatch):
+    monkeypatch.chdir(packages["fp32"].parent)
+    config = BenchConfig(packages=[Path("./tiny-fp32")], baseline=packages["fp32"], runs=2, warmup=0, cold_starts=0, preprocess=False)
+    result = run_benchmark(config)
+
+    assert [package["name"] for package in result["packages"]] == ["tiny-fp32"]
+    assert result["packages"][0]["baseline"]
+    assert result["packages"][0]["results"][0]["speedup_vs_baseline"] == 1.0

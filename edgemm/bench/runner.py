@@ -104,7 +104,8 @@ def run_benchmark(config: BenchConfig, on_progress: ProgressCallback | None = No
     """Measure every package and return the result document (schema version `SCHEMA_VERSION`).
 
     Every package is loaded once with `edgemm.runtime.load` before anything is timed, so a broken
-    package fails fast with a `PackageError`. Raises `ConfigError` for invalid settings and `DataError` for a bad dataset.
+    package fails fast with a `PackageError`. Raises `ConfigError` for invalid settings and
+    `DataError` for a bad dataset.
     """
     from edgemm.bench._cold import measure_cold_starts
     from edgemm.bench.harness import check_package
@@ -123,7 +124,8 @@ def run_benchmark(config: BenchConfig, on_progress: ProgressCallback | None = No
     names = _unique_names(package_dirs)
     for path in package_dirs:
         inputs = shared_inputs if shared_inputs is not None else load_sample_inputs(manifests[path])
-        record = _package_record(manifests[path], names[path], path == config.baseline)
+        is_baseline = config.baseline is not None and path.resolve() == Path(config.baseline).resolve()
+        record = _package_record(manifests[path], names[path], is_baseline)
         record["inputs"] = inputs.source
 
         record["results"] = _measure_package(path, config, inputs, names[path], progress)
@@ -138,9 +140,7 @@ def run_benchmark(config: BenchConfig, on_progress: ProgressCallback | None = No
 
     _add_speedups(packages)
     load_after = _load_average()
-    busy = _busy_machine_warning(load_before, load_after)
-    if busy is not None:
-        warnings.append(busy)
+    warnings += _contention_warnings(load_before, packages)
     return {
         "format": RESULT_FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -163,22 +163,36 @@ def _load_average() -> list[float] | None:
         return None
 
 
-def _busy_machine_warning(before: list[float] | None, after: list[float] | None) -> str | None:
-    """Warn when the 1-minute load average reached the usable core count: other work competed for the CPU."""
-    loads = [sample[0] for sample in (before, after) if sample is not None]
+def _contention_warnings(load_before: list[float] | None, packages: list[dict[str, Any]]) -> list[str]:
+    """Warn when other processes competed for the CPU, which makes latencies noisy and too high.
+
+    Two signs: a 1-minute load average at or above the usable core count before the run
+    started, and 1-thread runs whose process CPU time fell below 80% of their wall time
+    (a busy single thread with no I/O stays close to 100%).
+    """
+    warnings = []
     cores = machine.usable_core_count()
-    if not loads or max(loads) < cores:
-        return None
-    return (
-        f"The 1-minute load average reached {max(loads):.1f} on {cores} usable cores, so other processes "
-        "competed for the CPU and latencies are noisy; compare cpu_time_ratio, and re-run on an idle machine."
-    )
+    if load_before is not None and load_before[0] >= cores:
+        warnings.append(
+            f"The 1-minute load average was {load_before[0]:.1f} on {cores} usable cores before the run started, "
+            "so other processes competed for the CPU; re-run on an idle machine for stable figures."
+        )
+    ratios = [row["cpu_time_ratio"] for package in packages for row in package["results"] if row["threads"] == 1]
+    if ratios and min(ratios) < 0.8:
+        warnings.append(
+            f"1-thread runs got as little as {min(ratios):.0%} of a core (cpu_time_ratio), so other processes "
+            "competed for the CPU and those latencies are too high; re-run on an idle machine."
+        )
+    return warnings
 
 
 def _package_list(config: BenchConfig) -> list[Path]:
+    """Return the packages to measure, the baseline first unless it is also listed among them."""
     paths = [Path(path) for path in config.packages]
-    if config.baseline is not None and Path(config.baseline) not in paths:
-        paths.insert(0, Path(config.baseline))
+    if config.baseline is not None:
+        baseline = Path(config.baseline)
+        if baseline.resolve() not in {path.resolve() for path in paths}:
+            paths.insert(0, baseline)
     return paths
 
 
