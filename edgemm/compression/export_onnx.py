@@ -19,8 +19,6 @@ axis and the fix.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import re
 import time
@@ -465,8 +463,8 @@ def _export_dynamo(
 ) -> None:
     # Named dims (not strings or Dim.AUTO) make torch.export raise instead of silently
     # specialising an axis that the model's code fixes to a constant. The sequence dim needs the
-    # model's bound: without it torch.export reports a constraint violation on the position
-    # embedding slice, and torch.onnx then retries slower strategies.
+    # model's bound: without it, non-strict torch.export reports a constraint violation on the
+    # position embedding slice, and torch.onnx then tries its other capture strategies.
     dims = {
         BATCH_AXIS: torch.export.Dim(BATCH_AXIS),
         SEQUENCE_AXIS: torch.export.Dim(SEQUENCE_AXIS, max=max_sequence) if max_sequence else torch.export.Dim(SEQUENCE_AXIS),
@@ -474,18 +472,6 @@ def _export_dynamo(
     dynamic_shapes = {
         name: {axis: dims[axis_name] for axis, axis_name in dynamic_axes.get(name, {}).items()} for name in input_names
     }
-    # torch.onnx prints the exported program to stdout when a strategy fails; a library must not
-    # print, so that text goes to the debug log.
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(captured):
-            _call_dynamo_exporter(module, path, examples, input_names, output_names, dynamic_shapes, opset)
-    finally:
-        if captured.getvalue():
-            logger.debug("Output of the dynamo exporter:\n%s", captured.getvalue())
-
-
-def _call_dynamo_exporter(module, path, examples, input_names, output_names, dynamic_shapes, opset) -> None:
     torch.onnx.export(
         module,
         tuple(examples[name] for name in input_names),
