@@ -60,7 +60,9 @@ def build_report(result_paths: Sequence[Path], out_dir: Path) -> Report:
     out_dir = Path(out_dir)
     _check_writable(out_dir)
 
-    sources = [Path(path).name for path in result_paths]
+    # Rows and labels name each result by its file name, or by its path when two names repeat.
+    names = [Path(path).name for path in result_paths]
+    sources = names if len(set(names)) == len(names) else [str(path) for path in result_paths]
     entries = _entries(results, sources)
     labels = {(entry.source, entry.package["name"]): entry.label for entry in entries}
     rows = []
@@ -105,7 +107,7 @@ def _check_writable(out_dir: Path) -> None:
 
 
 def _entries(results: list[dict[str, Any]], sources: list[str]) -> list[_Entry]:
-    """Label each package "NAME", "NAME @ MACHINE" with several machines, and add "[FILE]" while labels repeat."""
+    """Label each package "NAME", or "NAME @ MACHINE" with several machines, and add "[FILE]" when a label repeats."""
     machine_names = {result["machine"].get("name") for result in results}
     entries = []
     for result, source in zip(results, sources):

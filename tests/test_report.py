@@ -133,3 +133,19 @@ def test_report_missing_file(tmp_path):
 
     assert outcome.exit_code != 0
     assert "not found" in outcome.output
+
+
+def test_report_same_file_names(result_files, tmp_path):
+    copies = []
+    for folder in ("machine-a", "machine-b"):
+        (tmp_path / folder).mkdir()
+        copy = tmp_path / folder / "results.json"
+        copy.write_bytes(result_files[0].read_bytes())
+        copies.append(copy)
+
+    outcome = _invoke("report", *copies, "--out", tmp_path / "report")
+
+    assert outcome.exit_code == 0, outcome.output
+    with open(tmp_path / "report" / "results.csv", newline="") as handle:
+        sources = {row["source"] for row in csv.DictReader(handle)}
+    assert sources == {str(copy) for copy in copies}
