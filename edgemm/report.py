@@ -281,8 +281,8 @@ def _reference(package: dict[str, Any], mode: str | None = None) -> dict[str, An
     if not results:
         return None
     modes = [mode] if mode else ["end_to_end", "inference"]
-    for wanted in modes:
-        candidates = [result for result in results if result["mode"] == wanted]
+    for requested_mode in modes:
+        candidates = [result for result in results if result["mode"] == requested_mode]
         if candidates:
             return min(candidates, key=lambda result: (result["batch_size"], result["threads"]))
     return None
@@ -321,9 +321,9 @@ def _plot_scaling(plt: Any, entries: list[_Entry], machines: str) -> Any:
         by_threads = sorted((r["threads"], r["latency_ms"]["p50"]) for r in results if r["batch_size"] == smallest_batch)
         threads_axis.plot(*zip(*by_threads), marker="o", label=f"{entry.label} (batch {smallest_batch}, {mode})")
 
-        most_threads = max(result["threads"] for result in results)
-        by_batch = sorted((r["batch_size"], r["throughput_per_s"]) for r in results if r["threads"] == most_threads)
-        batch_axis.plot(*zip(*by_batch), marker="o", label=f"{entry.label} ({most_threads} thr, {mode})")
+        max_threads = max(result["threads"] for result in results)
+        by_batch = sorted((r["batch_size"], r["throughput_per_s"]) for r in results if r["threads"] == max_threads)
+        batch_axis.plot(*zip(*by_batch), marker="o", label=f"{entry.label} ({max_threads} thr, {mode})")
 
     from matplotlib.ticker import MaxNLocator
 

@@ -166,9 +166,9 @@ def _load_average() -> list[float] | None:
 def _contention_warnings(load_before: list[float] | None, packages: list[dict[str, Any]]) -> list[str]:
     """Warn when other processes competed for the CPU, which makes latencies noisy and too high.
 
-    Two signs: a 1-minute load average at or above the usable core count before the run
-    started, and 1-thread runs whose process CPU time fell below 80% of their wall time
-    (a busy single thread with no I/O stays close to 100%).
+    The first sign is a 1-minute load average at or above the usable core count before the run
+    started. The second is a 1-thread run whose process CPU time fell below 80% of its wall
+    time, because a busy single thread with no I/O stays close to 100%.
     """
     warnings = []
     cores = machine.usable_core_count()
@@ -198,13 +198,13 @@ def _package_list(config: BenchConfig) -> list[Path]:
 
 def _unique_names(paths: list[Path]) -> dict[Path, str]:
     names: dict[Path, str] = {}
-    taken: set[str] = set()
+    used_names: set[str] = set()
     for path in paths:
         name = path.resolve().name
         candidate, index = name, 2
-        while candidate in taken:
+        while candidate in used_names:
             candidate, index = f"{name}-{index}", index + 1
-        taken.add(candidate)
+        used_names.add(candidate)
         names[path] = candidate
     return names
 
