@@ -134,103 +134,141 @@ def export_checkpoint(
     encoders. Parity is measured on matching pairs of the dataset's validation split, which is
     the first of `VALIDATION_SPLITS` the dataset has. At most `parity_pairs` pairs are used
     (None for all). Without `dataset`, synthetic scenes are used instead, and random inputs are
-    always compared as an extra check. The checkpoint folder is only read. `limits` is a `ParityLimits` (default: the FP32 limits).
+    always compared as an extra check. `limits` is a `ParityLimits` (default: the FP32 limits).
+    The checkpoint folder is only read.
 
     Raises `CompressionError` when export or parity fails, `EdgemmError` when `out_dir` exists
     and `overwrite` is false, and `CheckpointError` / `DataError` for invalid inputs.
     """
     from edgemm.compression.export_onnx import check_opset, require_onnxscript
-    from edgemm.compression.parity import ParityLimits
+    from edgemm.models.checkpoint import load_checkpoint
+    from edgemm.runtime.preprocess import Preprocessor
 
     checkpoint_dir = Path(checkpoint_dir)
     out_dir = Path(out_dir)
     check_opset(opset)
     require_onnxscript()
-    limits = limits or ParityLimits()
     if out_dir.exists() and not overwrite:
         raise EdgemmError(f"Output folder {out_dir} already exists.", "Choose another --out or pass --overwrite.")
     if out_dir.resolve() == checkpoint_dir.resolve():
         raise ConfigError(f"--out {out_dir} is the checkpoint folder.", "Write the package to another folder.")
-
     stage = on_stage or (lambda name: None)
-    stage("load checkpoint")
-    from edgemm.models.checkpoint import load_checkpoint
 
+    stage("load checkpoint")
     checkpoint = load_checkpoint(checkpoint_dir)
+    threshold = checkpoint.extra.get("decision_threshold")
 
     with tempfile.TemporaryDirectory(prefix="edgemm-export-") as scratch:
         scratch = Path(scratch)
         stage("load validation pairs")
         pairs, pairs_source = _validation_pairs(dataset, scratch, checkpoint.input_spec, parity_pairs)
-        return _export_loaded(checkpoint, checkpoint_dir, out_dir, scratch, pairs, pairs_source, opset, overwrite, limits, stage)
+        batches = _batches(Preprocessor(checkpoint.input_spec, checkpoint.vocab_path), pairs)
+
+        results = export_graphs(checkpoint.model, scratch, _example_inputs(batches[0]), opset=opset, on_stage=stage)
+
+        stage("measure parity")
+        parity = check_export_parity(
+            checkpoint.model,
+            results,
+            batches,
+            inputs=pairs_source,
+            labels=checkpoint.labels,
+            decision_threshold=threshold,
+            limits=limits,
+        )
+
+        stage("write package")
+        return write_package(
+            out_dir,
+            graphs={graph: result.path for graph, result in results.items()},
+            architecture=checkpoint.model.architecture,
+            input_spec=checkpoint.input_spec,
+            vocab_path=checkpoint.vocab_path,
+            labels=checkpoint.labels,
+            opset=opset,
+            precision="fp32",
+            decision_threshold=None if threshold is None else float(threshold),
+            logit_scale=_logit_scale(checkpoint.model),
+            compression={"export": {graph: result.to_dict() for graph, result in results.items()}},
+            validation={"parity": parity},
+            samples=[Sample(image=record.image, text=record.text) for record in _pick_samples(pairs)],
+            source={"checkpoint": str(checkpoint_dir.resolve()), "history": checkpoint.history},
+            overwrite=overwrite,
+        )
 
 
-def _export_loaded(checkpoint, checkpoint_dir, out_dir, scratch, pairs, pairs_source, opset, overwrite, limits, stage) -> Path:
+def export_graphs(
+    model: Any,
+    folder: Path,
+    example_inputs: Mapping[str, Any],
+    *,
+    opset: int = 18,
+    on_stage: StageCallback | None = None,
+) -> dict[str, Any]:
+    """Export every graph a package of `model` ships into `folder`; return `ExportResult`s by graph name.
+
+    Fusion models get "model"; dual encoders get "model", "text_encoder" and "image_encoder".
+    """
     from edgemm.compression.export_onnx import export_onnx
-    from edgemm.compression.parity import measure_parity, random_batches
-    from edgemm.runtime.preprocess import Preprocessor
 
-    model = checkpoint.model
-    architecture = model.architecture
-    preprocessor = Preprocessor(checkpoint.input_spec, checkpoint.vocab_path)
-    batches = _batches(preprocessor, pairs)
-    examples = _example_inputs(batches[0])
-
-    graph_names = ["model"] + (["text_encoder", "image_encoder"] if architecture == "dual_encoder" else [])
+    graphs = ["model"]
+    if model.architecture == "dual_encoder":
+        graphs += ["text_encoder", "image_encoder"]
     results = {}
-    for graph in graph_names:
-        stage(f"export {graph}")
-        results[graph] = export_onnx(model, scratch / GRAPH_FILES[graph], graph=graph, example_inputs=examples, opset=opset)
+    for graph in graphs:
+        if on_stage is not None:
+            on_stage(f"export {graph}")
+        path = Path(folder) / GRAPH_FILES[graph]
+        results[graph] = export_onnx(model, path, graph=graph, example_inputs=example_inputs, opset=opset)
+    return results
 
-    stage("measure parity")
-    runtime_graphs = {"model": results["model"].path}
-    if architecture == "dual_encoder":
+
+def check_export_parity(
+    model: Any,
+    results: Mapping[str, Any],
+    batches: Sequence[Mapping[str, Any]],
+    *,
+    inputs: str,
+    labels: Sequence[str],
+    decision_threshold: float | None = None,
+    limits: Any = None,
+) -> dict[str, Any]:
+    """Measure parity of the graphs the runtime uses on `batches` and on random inputs.
+
+    Returns the figures for the manifest's `validation.parity`, with the random-input figures
+    under "random". Raises `CompressionError` listing every limit that is not met.
+    """
+    from edgemm.compression.parity import ParityLimits, measure_parity, random_batches
+
+    limits = limits or ParityLimits()
+    if "text_encoder" in results:
         runtime_graphs = {graph: results[graph].path for graph in ("text_encoder", "image_encoder")}
-    labels = list(checkpoint.labels)
-    threshold = checkpoint.extra.get("decision_threshold")
-    parity = measure_parity(
-        model, runtime_graphs, batches, limits=limits, labels=labels, decision_threshold=threshold, inputs=pairs_source
-    )
-    random_parity = measure_parity(
-        model,
-        runtime_graphs,
-        random_batches({name: array for name, array in batches[0].items()}),
-        limits=limits,
-        labels=labels,
-        decision_threshold=threshold,
-        inputs="random tensors",
-    )
+    else:
+        runtime_graphs = {"model": results["model"].path}
+    options = {"limits": limits, "labels": list(labels), "decision_threshold": decision_threshold}
+
+    parity = measure_parity(model, runtime_graphs, batches, inputs=inputs, **options)
+    random_parity = measure_parity(model, runtime_graphs, random_batches(dict(batches[0])), inputs="random tensors", **options)
+
     failures = [f"{parity.inputs}: {text}" for text in parity.failures]
     failures += [f"random tensors: {text}" for text in random_parity.failures]
     if failures:
         raise CompressionError(
-            f"The ONNX export of {checkpoint_dir} does not match PyTorch: {'; '.join(failures)}.",
-            "Export with another --opset, or report the model: an FP32 export should match to about 1e-5.",
+            f"The ONNX export does not match PyTorch: {'; '.join(failures)}.",
+            "Export with another --opset, or report the model: FP32 exports of the edgemm towers match to within 1e-5.",
         )
+    figures = parity.to_dict()
+    figures["random"] = random_parity.to_dict()
+    return figures
 
-    stage("write package")
-    logit_scale = None
-    if architecture == "dual_encoder":
-        logit_scale = float(model.logit_scale.detach().exp().clamp(max=100.0))
-    parity_data = parity.to_dict()
-    parity_data["random"] = random_parity.to_dict()
-    return write_package(
-        out_dir,
-        graphs={graph: result.path for graph, result in results.items()},
-        architecture=architecture,
-        input_spec=checkpoint.input_spec,
-        vocab_path=checkpoint.vocab_path,
-        labels=labels,
-        opset=opset,
-        precision="fp32",
-        decision_threshold=None if threshold is None else float(threshold),
-        logit_scale=logit_scale,
-        compression={"export": {graph: result.to_dict() for graph, result in results.items()}},
-        validation={"parity": parity_data},
-        samples=[Sample(image=record.image, text=record.text) for record in _pick_samples(pairs)],
-        source={"checkpoint": str(checkpoint_dir.resolve()), "history": checkpoint.history},
-        overwrite=overwrite,
-    )
+
+def _logit_scale(model: Any) -> float | None:
+    """Return exp(logit_scale) of a dual encoder, capped as in training, or None for other models."""
+    from edgemm.training.modeling import MAX_LOGIT_SCALE
+
+    if model.architecture != "dual_encoder":
+        return None
+    return float(model.logit_scale.detach().exp().clamp(max=MAX_LOGIT_SCALE))
 
 
 def _validation_pairs(dataset, scratch: Path, spec: InputSpec, limit: int | None) -> tuple[list, str]:
