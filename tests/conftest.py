@@ -37,3 +37,17 @@ def flickr_dir() -> Path:
 @pytest.fixture(scope="session")
 def imagenet_dir() -> Path:
     return _require(SHARED_DATA / "imagenet-sample")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Run torch on one thread: tiny models gain nothing from two, and a busy machine slows them."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -7,7 +7,6 @@ error) leaves no partial package behind. The input checkpoint is only read.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import tempfile
@@ -238,58 +237,34 @@ def _has_prune_ratio(recipe: Recipe) -> bool:
 
 
 def _prune_and_recover(teacher, recipe, example_inputs, train_records, preprocessor, stage):
+    """Prune (in `prune.iterative_steps` steps) and distil from the unpruned teacher after each step."""
     from edgemm.compression import recover as recovery
     from edgemm.compression.prune import PruneConfig, prune_model
 
     prune_section = recipe.section("prune")
     prune_section.pop("enabled", None)
     batches = prune_section.pop("calibration_batches", None)
-    steps = int(prune_section.pop("iterative_steps", 1) or 1)
-    prune_config = PruneConfig.from_dict({**prune_section, "iterative_steps": 1, **({"taylor_batches": batches} if batches else {})})
-    recover_enabled = recipe.get("recover", "enabled", True)
-    recover_config = recovery.RecoverConfig.from_recipe(recipe.section("recover")) if recover_enabled else None
+    if batches:
+        prune_section["taylor_batches"] = batches
+    prune_config = PruneConfig.from_dict(prune_section)
 
     calibration_batches = None
     if prune_config.importance == "taylor":
         calibration_batches = recovery.calibration_batches(teacher, train_records, preprocessor, prune_config.taylor_batches)
 
-    student = copy.deepcopy(teacher)
-    prune_records, recover_records = [], []
-    for step in range(steps):
-        step_config = prune_config if steps == 1 else _step_config(prune_config, step + 1, steps)
-        stage(f"prune (step {step + 1} of {steps})" if steps > 1 else "prune")
-        result = prune_model(student, step_config, example_inputs, calibration_batches)
-        student = result.model
-        prune_records.append(result.to_dict())
-        if recover_config is not None:
-            stage(f"recover (step {step + 1} of {steps})" if steps > 1 else "recover")
-            recovered = recovery.recover(student, teacher, train_records, preprocessor, recover_config)
-            student = recovered.model
-            recover_records.append(recovered.to_dict())
-    student.eval()
+    if not recipe.get("recover", "enabled", True):
+        stage("prune")
+        result = prune_model(teacher, prune_config, example_inputs, calibration_batches)
+        return result.model.eval(), {"enabled": True, **result.to_dict()}, {"enabled": False}
 
-    prune_record = {"enabled": True, "iterative_steps": steps, **prune_records[-1], "steps": prune_records}
-    recover_record = {"enabled": recover_config is not None, "steps": recover_records}
-    return student, prune_record, recover_record
-
-
-def _step_config(config, step: int, steps: int):
-    """Config of iterative step `step`: ratios reach the target after `steps` steps.
-
-    Each step removes the same fraction of what is left, so (1 - r_step) ** steps = 1 - r.
-    """
-    from dataclasses import replace
-
-    def per_step(ratio):
-        return None if ratio is None else 1.0 - (1.0 - ratio) ** (1.0 / steps)
-
-    return replace(
-        config,
-        ratio=per_step(config.ratio),
-        text_ratio=per_step(config.text_ratio),
-        image_ratio=per_step(config.image_ratio),
-        head_ratio=per_step(config.head_ratio),
+    recover_config = recovery.RecoverConfig.from_recipe(recipe.section("recover"))
+    stage(f"prune and recover ({prune_config.iterative_steps} step(s))")
+    result = recovery.prune_and_recover(
+        teacher, prune_config, recover_config, example_inputs, train_records, preprocessor, calibration_batches
     )
+    recover_record = {"enabled": True, "config": recover_config.to_dict()}
+    recover_record["steps"] = [step.to_dict() for step in result.recoveries]
+    return result.model.eval(), {"enabled": True, **result.prune.to_dict()}, recover_record
 
 
 def _export_graphs(model, folder: Path, example_inputs, recipe: Recipe) -> dict[str, Path]:
