@@ -253,8 +253,11 @@ def test_bench_writes_full_result(packages, tmp_path):
 
     cold = int8["cold_start"]
     assert len(cold["runs"]) == 2
-    for phase in ("interpreter_ms", "import_ms", "load_ms", "first_result_ms", "total_ms"):
+    for phase in ("interpreter_ms", "input_read_ms", "import_ms", "load_ms", "first_result_ms", "total_ms"):
         assert cold["summary"][phase]["median"] > 0, phase
+    for run in cold["runs"]:
+        phases = run["interpreter_ms"] + run["import_ms"] + run["load_ms"] + run["first_result_ms"]
+        assert run["total_ms"] == pytest.approx(phases, abs=0.01)
     assert cold["thread_environment"]["OMP_NUM_THREADS"] == "1"
     assert cold["peak_rss_bytes"] > 10_000_000
     assert "p50" in outcome.output
