@@ -14,7 +14,7 @@ MODE_LABELS = {"end_to_end": "e2e", "inference": "infer"}
 
 
 def parse_int_list(text: str, option: str) -> list[int]:
-    """Parse "1,2,4" into [1, 2, 4]; raise `ConfigError` naming `option` on anything else."""
+    """Parse "1,2,4" into [1, 2, 4]. Raises `ConfigError` naming `option` for any other text."""
     values = []
     for part in text.split(","):
         part = part.strip()
