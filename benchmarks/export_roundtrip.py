@@ -123,7 +123,8 @@ def report_lines(args, pairs, agree, score_diff, parity, export_seconds, run_sec
     return [
         "# Export round trip: `edgemm export`, then `edgemm run` on every dev pair",
         "",
-        f"- checkpoint: `{args.checkpoint}`; dataset: `{args.dataset}` (dev split)",
+        f"- checkpoint: `{args.checkpoint}` (model.safetensors SHA-256 {weights_sha256(args.checkpoint)[:16]}...); "
+        f"dataset: `{args.dataset}` (dev split)",
         f"- pairs: {len(pairs)} ({positives} true captions, {len(pairs) - positives} mismatched; seed 0)",
         f"- machine: {cpu_name()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
         f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}",
@@ -141,6 +142,12 @@ def report_lines(args, pairs, agree, score_diff, parity, export_seconds, run_sec
         "",
         f"Result: {'PASS' if passed else 'FAIL'}.",
     ]
+
+
+def weights_sha256(checkpoint: Path) -> str:
+    from edgemm.runtime.manifest import file_sha256
+
+    return file_sha256(checkpoint / "model.safetensors")
 
 
 def cpu_name() -> str:

@@ -311,3 +311,20 @@ def test_untraceable_model_without_fallback_fails(tmp_path):
 
     assert "dynamo exporter failed on graph 'image_encoder'" in str(raised.value)
     assert "data-dependent" in str(raised.value)
+
+
+def test_retrieval_decision_ignores_duplicate_images():
+    from edgemm.compression.parity import _image_groups, _retrieval_decisions
+
+    pixels = np.zeros((4, 3, 2, 2), dtype=np.float32)
+    pixels[1] += 1.0
+    pixels[3] += 1.0
+    texts = np.eye(3)[[0, 1, 0, 1]]
+    images = np.eye(3)[[0, 1, 0, 1]]
+    rounded = images.copy()
+    rounded[2, 0] += 1e-9  # the second copy of image 0 wins the argmax by rounding only
+
+    groups = _image_groups(pixels)
+
+    assert list(groups) == [0, 1, 0, 1]
+    assert list(_retrieval_decisions(texts, images, groups)) == list(_retrieval_decisions(texts, rounded, groups))
