@@ -175,6 +175,12 @@ def _markdown(
         ],
     )
 
+    warnings = [(source, message) for result, source in zip(results, sources) for message in result.get("warnings", [])]
+    if warnings:
+        lines += ["## Warnings recorded by `edgemm bench`", ""]
+        lines += [f"- {source}: {message}" for source, message in warnings]
+        lines += [""]
+
     lines += ["## Packages", ""]
     lines += _table(
         ["label", "result file", "machine", "precision", "model size (MB)", "accuracy", "cold start median (ms)", "peak RSS (MB)"],

@@ -70,6 +70,19 @@ def test_report_writes_markdown_csv_and_plots(result_files, tmp_path):
         assert f"| {row['label']} |" in markdown
 
 
+def test_report_lists_bench_warnings(result_files, tmp_path):
+    data = json.loads(result_files[0].read_text())
+    data["warnings"] = ["--threads 64 is above the 2 cores this process may use"]
+    warned = tmp_path / "warned.json"
+    warned.write_text(json.dumps(data))
+
+    outcome = _invoke("report", warned, "--out", tmp_path / "report")
+
+    assert outcome.exit_code == 0, outcome.output
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "- warned.json: --threads 64 is above the 2 cores" in markdown
+
+
 def test_report_labels_repeated_packages(result_files, tmp_path):
     outcome = _invoke("report", *result_files, "--out", tmp_path)
 
