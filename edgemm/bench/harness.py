@@ -71,6 +71,14 @@ class PackageHarness:
 
     def prepare(self, texts: Sequence[str], images: Sequence[Any]) -> dict[str, dict[str, Any]]:
         """Tokenize and transform a batch into one feed dict per graph, in each input's element type."""
+        for graph, inputs in self._inputs.items():
+            fixed = {item.shape[0] for item in inputs.values() if isinstance(item.shape[0], int)}
+            if fixed and fixed != {len(texts)}:
+                raise ConfigError(
+                    f"{self.manifest.graph_path(graph)} was exported with a fixed batch size of {sorted(fixed)[0]}, "
+                    f"so it cannot be benchmarked at batch size {len(texts)}.",
+                    f"Pass --batch-sizes {sorted(fixed)[0]}, or export the package with a dynamic batch axis.",
+                )
         arrays = self.preprocessor(list(texts), list(images), padding=self._padding)
         feeds = {}
         for graph, inputs in self._inputs.items():
