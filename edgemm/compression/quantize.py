@@ -409,7 +409,7 @@ def _quantize_int8(
     missing = [name for name in config.nodes_to_exclude if name not in {n.name for n in original.graph.node}]
     if missing:
         raise ConfigError(
-            f"nodes_to_exclude names {missing[0]!r}, which is not a node of the model.",
+            f"Node {missing[0]!r} in nodes_to_exclude is not in the model.",
             "Use the node names printed by `edgemm inspect` or found by find_sensitive_nodes.",
         )
 
@@ -709,7 +709,7 @@ def check_inference(onnx_path: Path, mode: str, reader: Any = None) -> None:
         outputs = session.run(None, feeds)
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph classes
         raise CompressionError(
-            f"The {mode} model fails at inference: {type(error).__name__}: {str(error)[:300]}",
+            f"The {mode} model failed at inference: {type(error).__name__}: {str(error)[:300]}",
             "Exclude the failing nodes, change the quantization settings or choose another mode.",
         ) from error
     for output in outputs:
