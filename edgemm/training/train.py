@@ -389,6 +389,9 @@ class _Trainer:
 
         step = _TrainStep(model, towers_frozen=config.freeze_towers)
         if context.is_distributed:
+            # NOTE: with unfrozen towers each rank updates its own batch-norm running statistics
+            # between the buffer broadcasts, so ranks can pick different epochs and thresholds.
+            # Only rank 0's model, statistics and threshold are saved.
             step = nn.parallel.DistributedDataParallel(step, broadcast_buffers=not config.freeze_towers)
         self.step = step
         self.optimizer = self._make_optimizer()
