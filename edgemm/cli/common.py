@@ -11,6 +11,7 @@ from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from edgemm.errors import EdgemmError
 
@@ -46,12 +47,12 @@ def report_errors(command: F) -> F:
         except EdgemmError as error:
             if is_verbose():
                 raise
-            err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=error.exit_code) from None
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as error:
             if is_verbose():
                 raise
-            err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")

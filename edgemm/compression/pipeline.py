@@ -77,6 +77,9 @@ def compress(settings: CompressSettings, on_stage: StageCallback | None = None) 
         raise EdgemmError(f"Output folder {out} already exists.", "Choose another --out or pass --overwrite.")
     if out.resolve() == Path(settings.checkpoint).resolve():
         raise ConfigError(f"--out {out} is the checkpoint folder.", "Write the package to another folder.")
+    from edgemm.compression.export_onnx import check_opset
+
+    check_opset(int(settings.recipe.get("export", "opset", 18)))
 
     if settings.keep_work is not None:
         Path(settings.keep_work).mkdir(parents=True, exist_ok=True)
@@ -139,7 +142,7 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
     )
     if calibration_set is not None and recipe.get("quantize", "mode") == "int8-static":
         records["calibration"] = calibration_set.to_dict()
-    records["export"] = {"opset": int(recipe.get("export", "opset", 18))}
+    records["export"] = {"opset": int(recipe.get("export", "opset", 18)), "exporter": recipe.get("export", "exporter", "dynamo")}
 
     limits = Limits(
         max_accuracy_drop=float(recipe.get("validate", "max_accuracy_drop", 1.0)),
@@ -273,9 +276,12 @@ def _export_graphs(model, folder: Path, example_inputs, recipe: Recipe) -> dict[
 
     folder.mkdir(parents=True, exist_ok=True)
     opset = int(recipe.get("export", "opset", 18))
+    exporter = recipe.get("export", "exporter", "dynamo")
     graphs = {}
     for graph in GRAPHS_BY_ARCHITECTURE[model.architecture]:
-        result = export_onnx(model, folder / GRAPH_FILES[graph], graph=graph, example_inputs=example_inputs, opset=opset)
+        result = export_onnx(
+            model, folder / GRAPH_FILES[graph], graph=graph, example_inputs=example_inputs, opset=opset, exporter=exporter
+        )
         graphs[graph] = result.path
     return graphs
 

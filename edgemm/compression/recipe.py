@@ -59,6 +59,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     },
     "export": {
         "opset": (int,),
+        "exporter": (str,),
     },
     "validate": {
         "split": (str,),
@@ -75,6 +76,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
 QUANTIZE_MODES = ("none", "int8-static", "int8-dynamic", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 IMPORTANCE_KINDS = ("magnitude", "taylor")
+EXPORTERS = ("dynamo", "torchscript")
 
 
 @dataclass
@@ -135,7 +137,7 @@ def default_recipe() -> Recipe:
             "target": {"name": "default", "description": "Built-in default: portable settings for x86 and ARM64 CPUs."},
             "prune": {"enabled": True, "ratio": 0.5, "importance": "magnitude", "round_to": 16, "prune_heads": True},
             "recover": {"enabled": True, "epochs": 3, "lr": 3e-4, "batch_size": 32, "temperature": 2.0, "alpha": 0.5},
-            "quantize": {"mode": "int8-dynamic", "per_channel": False, "op_types": ["MatMul"]},
+            "quantize": {"mode": "int8-dynamic"},
             "export": {"opset": 18},
             "validate": {"split": "dev", "max_accuracy_drop": 1.0, "max_auc_drop": 0.01, "max_recall_drop": 2.0},
         }
@@ -193,9 +195,8 @@ def _check_values(recipe: Recipe) -> None:
         value = recipe.get("validate", key)
         if value is not None and float(value) < 0:
             raise ConfigError(f"Invalid validate.{key}={value}: a drop limit cannot be negative.")
-    opset = recipe.get("export", "opset")
-    if opset is not None and not 13 <= opset <= 21:
-        raise ConfigError(
-            f"Unsupported opset export.opset={opset}.",
-            "edgemm exports opsets 13 to 21; 18 is the default and runs on onnxruntime 1.16 and newer.",
-        )
+    exporter = recipe.get("export", "exporter")
+    if exporter is not None and exporter not in EXPORTERS:
+        raise ConfigError(f"Invalid export.exporter={exporter!r}.", f"Choose one of: {', '.join(EXPORTERS)}.")
+    # The opset range depends on the installed torch and onnxruntime, so the pipeline checks it
+    # with edgemm.compression.export_onnx.check_opset before any work starts.

@@ -1,0 +1,266 @@
+"""End-to-end tests of `edgemm compress` on tiny models and generated scenes.
+
+Every stage is real: torch-pruning, distillation, ONNX export, ONNX Runtime quantization and
+validation through edgemm.runtime. The TorchScript exporter keeps the runs short; the dynamo
+exporter has its own tests in test_export.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgemm.cli.main import app
+from edgemm.compression.pipeline import CompressSettings, compress
+from edgemm.compression.recipe import load_recipe
+from edgemm.data.synthetic import generate_scenes
+from edgemm.errors import AccuracyError, ConfigError, DataError
+from edgemm.models.testing import make_tiny_checkpoint
+
+ARCHITECTURES = ("concat_fusion", "cross_attention", "dual_encoder")
+MODES = ("int8-static", "int8-dynamic", "fp16")
+
+# Settings that keep one compress run to a few seconds on tiny models. The accuracy limits are
+# wide because untrained tiny models score near chance; test_accuracy_drop_fails checks the limit.
+FAST = {
+    "recover.steps": 2,
+    "recover.batch_size": 8,
+    "export.exporter": "torchscript",
+    "validate.max_accuracy_drop": 100.0,
+    "validate.max_auc_drop": 1.0,
+    "validate.max_recall_drop": 100.0,
+    "validate.max_pairs": 32,
+}
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("scenes") / "data"
+    generate_scenes(folder, 40, seed=0, image_size=72)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {arch: make_tiny_checkpoint(root / arch, arch) for arch in ARCHITECTURES}
+
+
+def run(checkpoint: Path, out: Path, dataset: Path, **overrides):
+    recipe = load_recipe(None, {**FAST, **overrides})
+    settings = CompressSettings(checkpoint=checkpoint, out=out, recipe=recipe, dataset=dataset, latency_runs=3)
+    return compress(settings)
+
+
+def calibration_toml(folder: Path, dataset: Path) -> Path:
+    path = folder / "calibration.toml"
+    path.write_text(f'[calibration]\nsource = "dataset"\npath = "{dataset}"\nsplit = "train"\nsize = 8\nbatch_size = 4\n')
+    return path
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("ratio", (0.3, 0.5))
+def test_compress_every_mode(architecture, ratio, scenes, checkpoints, tmp_path):
+    for mode in MODES:
+        out = tmp_path / f"pkg-{mode}"
+        recipe = load_recipe(None, {**FAST, "prune.ratio": ratio, "quantize.mode": mode})
+        settings = CompressSettings(
+            checkpoint=checkpoints[architecture],
+            out=out,
+            recipe=recipe,
+            dataset=scenes,
+            calibration=calibration_toml(tmp_path, scenes) if mode == "int8-static" else None,
+            latency_runs=3,
+        )
+        result = compress(settings)
+
+        manifest = json.loads((out / "manifest.json").read_text())
+        compression = manifest["compression"]
+        assert result.package == out
+        assert compression["prune"]["enabled"] is True
+        assert compression["prune"]["config"]["ratio"] == ratio
+        total = compression["size"]["total"]
+        assert total["params_after"] < total["params_before"], mode
+        assert total["macs_after"] < total["macs_before"], mode
+        assert compression["quantization"]["mode"] == mode
+        assert manifest["validation"]["passed"] is True
+        if mode == "int8-static":
+            assert compression["calibration"]["size"] == 8
+        graphs = {"model.onnx"} | ({"text_encoder.onnx", "image_encoder.onnx"} if architecture == "dual_encoder" else set())
+        assert graphs <= set(manifest["files"])
+
+
+def test_manifest_records_what_was_done(scenes, checkpoints, tmp_path):
+    out = tmp_path / "pkg"
+    run(checkpoints["concat_fusion"], out, scenes, **{"prune.ratio": 0.5, "quantize.mode": "int8-dynamic"})
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    compression = manifest["compression"]
+    validation = manifest["validation"]
+    assert compression["recipe"]["prune"]["ratio"] == 0.5
+    parts = compression["prune"]["parts"]
+    for part in ("text_tower", "image_tower", "total"):
+        assert parts[part]["params_after"] < parts[part]["params_before"], part
+        assert parts[part]["macs_after"] < parts[part]["macs_before"], part
+    assert compression["recover"]["enabled"] is True
+    assert compression["quantization"]["op_types"] == ["MatMul"]
+    assert compression["export"]["opset"] == manifest["opset"] == 18
+    assert set(validation["before"]) == {"accuracy", "roc_auc"}
+    assert set(validation["after"]) == {"accuracy", "roc_auc"}
+    assert 0.0 <= validation["parity"]["decision_agreement"] <= 1.0
+    assert validation["latency"]["p50_ms_before"] > 0
+    assert 0 < validation["num_samples"] <= 32
+
+
+def test_no_prune_keeps_widths(scenes, checkpoints, tmp_path):
+    out = tmp_path / "pkg"
+    run(checkpoints["concat_fusion"], out, scenes, **{"prune.enabled": False, "quantize.mode": "int8-dynamic"})
+
+    compression = json.loads((out / "manifest.json").read_text())["compression"]
+    assert compression["prune"] == {"enabled": False}
+    total = compression["size"]["total"]
+    assert total["params_after"] == total["params_before"]
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny concat-fusion model trained on generated scenes, so that pruning costs accuracy."""
+    from edgemm.training.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "data"
+    generate_scenes(data, 120, seed=1, image_size=72)
+    config = TrainConfig(architecture="concat_fusion", text_tower="tiny", image_tower="tiny", epochs=15, batch_size=32, lr=3e-3)
+    train(config, data, root / "ckpt")
+    return root / "ckpt", data
+
+
+def test_accuracy_drop_fails_and_writes_nothing(trained_checkpoint, tmp_path):
+    checkpoint, data = trained_checkpoint
+    out = tmp_path / "pkg"
+    overrides = {
+        **FAST,
+        "prune.ratio": 0.75,
+        "prune.round_to": 8,
+        "recover.enabled": False,
+        "quantize.mode": "int8-dynamic",
+        "validate.max_accuracy_drop": 0.0,
+        "validate.max_auc_drop": 0.0,
+        "validate.max_pairs": None,
+    }
+    with pytest.raises(AccuracyError) as caught:
+        compress(CompressSettings(checkpoint=checkpoint, out=out, recipe=load_recipe(None, overrides), dataset=data, latency_runs=3))
+
+    assert "fell by" in str(caught.value)
+    assert not out.exists()
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_accuracy_drop_exit_code(trained_checkpoint, tmp_path):
+    checkpoint, data = trained_checkpoint
+    recipe = tmp_path / "strict.toml"
+    recipe.write_text(
+        '[export]\nexporter = "torchscript"\n[prune]\nround_to = 8\n[recover]\nenabled = false\n[validate]\nmax_auc_drop = 0.0\n'
+    )
+    out = tmp_path / "pkg"
+    result = CliRunner().invoke(
+        app,
+        ["compress", str(checkpoint), "--recipe", str(recipe), "--dataset", str(data), "--prune-ratio", "0.75",
+         "--max-accuracy-drop", "0", "--quantize", "int8-dynamic", "--out", str(out)],
+    )
+
+    assert result.exit_code == 3, result.output
+    assert "error:" in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("ratio", ("0", "1", "1.5", "-0.2"))
+def test_cli_rejects_prune_ratio(ratio, scenes, checkpoints, tmp_path):
+    out = tmp_path / "pkg"
+    result = CliRunner().invoke(
+        app, ["compress", str(checkpoints["concat_fusion"]), "--dataset", str(scenes), "--prune-ratio", ratio, "--out", str(out)]
+    )
+
+    assert result.exit_code != 0
+    assert f"prune.ratio={float(ratio)}" in result.output
+    assert "between 0 and 1" in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_cli_rejects_unknown_recipe_key(scenes, checkpoints, tmp_path):
+    recipe = tmp_path / "typo.toml"
+    recipe.write_text("[prune]\nratoi = 0.5\n")
+    out = tmp_path / "pkg"
+    result = CliRunner().invoke(
+        app, ["compress", str(checkpoints["concat_fusion"]), "--recipe", str(recipe), "--dataset", str(scenes), "--out", str(out)]
+    )
+
+    assert result.exit_code != 0
+    assert "prune.ratoi" in result.output
+    assert "Valid keys in [prune]" in " ".join(result.output.split())
+    assert not out.exists()
+
+
+def test_recipe_rejects_unknown_section(tmp_path):
+    recipe = tmp_path / "typo.toml"
+    recipe.write_text("[quantise]\nmode = 'fp16'\n")
+    with pytest.raises(ConfigError, match=r"Unknown recipe section \[quantise\]"):
+        load_recipe(recipe)
+
+
+def test_calibration_without_usable_samples(scenes, checkpoints, tmp_path):
+    broken = tmp_path / "broken"
+    (broken / "images").mkdir(parents=True)
+    lines = []
+    for index in range(4):
+        (broken / "images" / f"{index}.png").write_bytes(b"not an image")
+        lines.append(json.dumps({"image": f"images/{index}.png", "text": "a red circle", "split": "train"}))
+    (broken / "records.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "pkg"
+
+    with pytest.raises(DataError, match="No usable calibration samples"):
+        compress(
+            CompressSettings(
+                checkpoint=checkpoints["concat_fusion"],
+                out=out,
+                recipe=load_recipe(None, {**FAST, "quantize.mode": "int8-static"}),
+                dataset=scenes,
+                calibration=calibration_toml(tmp_path, broken),
+            )
+        )
+    assert not out.exists()
+
+
+def test_unsupported_opset_fails_early(scenes, checkpoints, tmp_path):
+    out = tmp_path / "pkg"
+    result = CliRunner().invoke(
+        app, ["compress", str(checkpoints["concat_fusion"]), "--dataset", str(scenes), "--opset", "7", "--out", str(out)]
+    )
+
+    assert result.exit_code != 0
+    assert "opset" in result.output.lower()
+    assert "7" in result.output
+    assert not out.exists()
+
+
+def test_existing_output_is_kept(scenes, checkpoints, tmp_path):
+    out = tmp_path / "pkg"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+
+    with pytest.raises(Exception, match="already exists"):
+        run(checkpoints["concat_fusion"], out, scenes, **{"prune.ratio": 0.3})
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_checkpoint_is_not_modified(scenes, checkpoints, tmp_path):
+    checkpoint = checkpoints["cross_attention"]
+    before = {path.name: path.read_bytes() for path in checkpoint.iterdir()}
+    run(checkpoint, tmp_path / "pkg", scenes, **{"prune.ratio": 0.3, "quantize.mode": "int8-dynamic"})
+    after = {path.name: path.read_bytes() for path in checkpoint.iterdir()}
+    assert before == after
