@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from edgemm.errors import CompressionError, ConfigError, DataError, EdgemmError, PackageError
 from edgemm.io import atomic_directory
@@ -162,7 +162,7 @@ def export_checkpoint(
         scratch = Path(scratch)
         stage("load validation pairs")
         pairs, pairs_source = _validation_pairs(dataset, scratch, checkpoint.input_spec, parity_pairs)
-        batches = _batches(Preprocessor(checkpoint.input_spec, checkpoint.vocab_path), pairs)
+        batches = PairBatches(Preprocessor(checkpoint.input_spec, checkpoint.vocab_path), pairs)
 
         results = export_graphs(checkpoint.model, scratch, _example_inputs(batches[0]), opset=opset, on_stage=stage)
 
@@ -304,14 +304,31 @@ def _validation_pairs(dataset, scratch: Path, spec: InputSpec, limit: int | None
     return pairs, source
 
 
-def _batches(preprocessor, pairs: Sequence) -> list[dict]:
-    batches = []
-    for start in range(0, len(pairs), PARITY_BATCH_SIZE):
-        chunk = pairs[start : start + PARITY_BATCH_SIZE]
-        batches.append(preprocessor([record.text for record in chunk], [record.image for record in chunk]))
-    if not batches:
-        raise DataError("The validation split has no pairs.", "Add validation records to the dataset.")
-    return batches
+class PairBatches:
+    """Preprocessed batches of text-image pairs, built on each iteration to bound memory.
+
+    1000 pairs of 224x224 images take about 600 MB as float32, so batches are not kept.
+    """
+
+    def __init__(self, preprocessor: Any, pairs: Sequence, batch_size: int = PARITY_BATCH_SIZE):
+        if not pairs:
+            raise DataError("The validation split has no pairs.", "Add validation records to the dataset.")
+        self.preprocessor = preprocessor
+        self.pairs = list(pairs)
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        for start in range(0, len(self.pairs), self.batch_size):
+            yield self.batch(start)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index * self.batch_size < len(self.pairs):
+            raise IndexError(index)
+        return self.batch(index * self.batch_size)
+
+    def batch(self, start: int) -> dict:
+        chunk = self.pairs[start : start + self.batch_size]
+        return self.preprocessor([record.text for record in chunk], [record.image for record in chunk])
 
 
 def _example_inputs(batch: Mapping[str, Any]) -> dict:
