@@ -137,9 +137,7 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
 
     stage("quantize")
     calibration_set = _calibration_set(settings, recipe, dataset)
-    final_graphs, records["quantization"] = _quantize_graphs(
-        student_graphs, work / "quantized", recipe, calibration_set, checkpoint, train_records
-    )
+    final_graphs, records["quantization"] = _quantize_graphs(student_graphs, work / "quantized", recipe, calibration_set, checkpoint)
     if calibration_set is not None and recipe.get("quantize", "mode") == "int8-static":
         records["calibration"] = calibration_set.to_dict()
     records["export"] = {"opset": int(recipe.get("export", "opset", 18)), "exporter": recipe.get("export", "exporter", "dynamo")}
@@ -301,8 +299,8 @@ def _calibration_set(settings: CompressSettings, recipe: Recipe, dataset: Path):
     return CalibrationSet(source="dataset", path=dataset, split="train", size=128, selection="random", seed=0)
 
 
-def _quantize_graphs(graphs, folder: Path, recipe: Recipe, calibration_set, checkpoint, train_records):
-    from edgemm.compression.calibration import EdgemmCalibrationReader, graph_input_names, runtime_encoders
+def _quantize_graphs(graphs, folder: Path, recipe: Recipe, calibration_set, checkpoint):
+    from edgemm.compression.calibration import EdgemmCalibrationReader, graph_input_names
     from edgemm.compression.quantize import QuantizeConfig, quantize_model
 
     section = recipe.section("quantize")
@@ -312,25 +310,12 @@ def _quantize_graphs(graphs, folder: Path, recipe: Recipe, calibration_set, chec
     if config.mode == "none" and not (config.text_mode or config.image_mode):
         return dict(graphs), {"mode": "none"}
 
-    records = None
-    if calibration_set is not None:
-        source_records = train_records if calibration_set.source == "dataset" and calibration_set.path is None else None
-        records = calibration_set.select_records(source_records)
-
     quantized, results = {}, {}
     for graph, path in graphs.items():
         reader = None
-        if records is not None:
-            names = graph_input_names(path)
-            encode_text, encode_images = runtime_encoders(checkpoint.input_spec, checkpoint.vocab_path, names)
-            reader = EdgemmCalibrationReader(
-                records,
-                names,
-                encode_text=encode_text,
-                encode_images=encode_images,
-                batch_size=calibration_set.batch_size,
-                text_padding=calibration_set.text_padding,
-                max_length=calibration_set.max_length,
+        if calibration_set is not None:
+            reader = EdgemmCalibrationReader.from_spec(
+                calibration_set, graph_input_names(path), checkpoint.input_spec, checkpoint.vocab_path
             )
         target = folder / path.name
         results[graph] = quantize_model(path, target, config, reader).to_dict()

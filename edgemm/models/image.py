@@ -257,7 +257,11 @@ class ImageTower(nn.Module):
 
     def _init_weights(self) -> None:
         for module in self.modules():
-            if isinstance(module, nn.Conv2d):
+            if isinstance(module, nn.Conv2d) and module.groups > 1:
+                # torch's fan_out ignores groups, so for a depthwise conv it would count every
+                # output channel and shrink the weights by sqrt(channels); fan_in is k * k there.
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            elif isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.01)
