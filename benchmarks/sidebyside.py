@@ -589,8 +589,8 @@ class ModelSuite:
 
         torch_row = Row("pytorch-fp32", "pytorch", "PyTorch eager FP32, the trained checkpoint")
         torch_row.files = {"model.safetensors": (self.checkpoint_dir / "model.safetensors").stat().st_size}
-        torch_row.runner = TorchRunner(self.checkpoint.model, self.latency_feeds)
-        self.rows.append(torch_row)
+        if self._add(torch_row):
+            torch_row.runner = TorchRunner(self.checkpoint.model, self.latency_feeds)
 
         fp32 = Row(REFERENCE_ROW, "onnxruntime", "ONNX Runtime FP32 (edgemm export)")
         fp32_out = self.work / "ort-fp32"
@@ -612,13 +612,15 @@ class ModelSuite:
             row = Row(f"edgemm-{recipe.stem}", "edgemm", f"edgemm compress --recipe {recipe.name}")
             out = self.work / f"edgemm-{recipe.stem}"
             command = [*tool, "compress", checkpoint, "--recipe", str(recipe), "--dataset", str(settings.dataset), "--out", str(out)]
+            if not self._add(row):
+                continue
             package = build_package(row, command, out, self.work / "logs" / f"edgemm-{recipe.stem}.log", settings.build_timeout, settings.rebuild)
-            self.rows.append(row)
             self._attach_package(row, package)
 
         for mode in ("dynamic", "static"):
             row = Row(f"ort-{mode}-default", "onnxruntime", f"onnxruntime.quantization.quantize_{mode} with default settings")
-            self.rows.append(row)
+            if not self._add(row):
+                continue
             if fp32_package is None:
                 row.fail("skipped", "the ONNX Runtime FP32 package could not be built")
                 continue
@@ -637,8 +639,16 @@ class ModelSuite:
             name = "openvino-int8-nncf" if int8 else "openvino-fp32"
             description = "OpenVINO INT8 from nncf.quantize with default settings" if int8 else "OpenVINO FP32 (ONNX read by openvino.Core.read_model)"
             row = Row(name, "openvino", description)
-            self.rows.append(row)
-            self._prepare_openvino(row, fp32_package, int8)
+            if self._add(row):
+                self._prepare_openvino(row, fp32_package, int8)
+
+    def _add(self, row: Row) -> bool:
+        """Append `row`; return False, with the row marked skipped, when --skip names it."""
+        self.rows.append(row)
+        if row.name in self.settings.skip:
+            row.fail("skipped", "left out with --skip")
+            return False
+        return True
 
     def _attach_package(self, row: Row, package: Path | None) -> None:
         if package is None:
@@ -937,6 +947,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-pairs", type=int, default=None, help="Cap on fusion validation pairs (default: all pairs of the split).")
     parser.add_argument("--openvino-python", type=Path, default=None, help="Python of a venv with openvino and nncf; without it the OpenVINO rows are skipped.")
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS / "sidebyside", help="Result path without suffix; .json and .md are written (default: benchmarks/results/sidebyside).")
+    parser.add_argument("--skip", nargs="*", default=[], metavar="ROW", help="Row names to leave out, e.g. openvino-fp32 pytorch-fp32; they are recorded as skipped.")
     parser.add_argument("--openvino-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("rounds", "runs_per_round", "latency_samples", "calibration_size"):
@@ -944,6 +955,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must be 0 or more")
+    if REFERENCE_ROW in args.skip:
+        parser.error(f"--skip: {REFERENCE_ROW} is the reference of every ratio and cannot be left out")
     if args.recipes is None:
         args.recipes = sorted((REPO / "export").glob("*.toml"))
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
