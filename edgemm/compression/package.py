@@ -255,7 +255,8 @@ def check_export_parity(
     if failures:
         raise CompressionError(
             f"The ONNX export does not match PyTorch: {'; '.join(failures)}.",
-            "Export with another --opset, or report the model: FP32 exports of the edgemm towers match to within 1e-5.",
+            "Export with another --opset, or report the model: in this project's measurements, FP32 "
+            "exports of edgemm models differ from PyTorch by less than 1e-4.",
         )
     figures = parity.to_dict()
     figures["random"] = random_parity.to_dict()
