@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from edgemm.compression.prune import PruneConfig, prune_model
-from edgemm.compression.recover import RecoverConfig, calibration_batches, prune_and_recover, recover
+from edgemm.compression.recover import RecoverConfig, calibration_batches, matrix_labels, prune_and_recover, recover
 from edgemm.data.synthetic import generate_scenes
 from edgemm.errors import ConfigError, DataError
 from edgemm.models import create_model, model_config
@@ -70,6 +70,18 @@ def trained_dual_teacher(scenes, preprocessor_of=small_preprocessor):
     return model.eval()
 
 
+def test_matrix_labels_mark_own_images():
+    pixels = torch.randn(3, 3, 8, 8)
+    batch = torch.stack([pixels[0], pixels[1], pixels[0], pixels[2]])
+    labels = matrix_labels(batch).view(4, 4)
+
+    assert labels.diagonal().tolist() == [1, 1, 1, 1]
+    assert labels[0, 2] == 1
+    assert labels[2, 0] == 1
+    assert labels[0, 1] == 0
+    assert int(labels.sum()) == 6
+
+
 def test_recover_dual_encoder(scenes):
     teacher = trained_dual_teacher(scenes)
     preprocessor = small_preprocessor(teacher)
@@ -88,15 +100,30 @@ def test_recover_dual_encoder(scenes):
     assert json.dumps(summary)
 
 
+@pytest.mark.parametrize("pairing", ["pairs", "matrix"])
 @pytest.mark.parametrize("architecture", ["concat_fusion", "cross_attention"])
-def test_recover_fusion_classifier(scenes, architecture):
+def test_recover_fusion_distils(scenes, architecture, pairing):
+    # The random teacher's decisions disagree with the scene labels, so distil only (alpha=1).
     teacher = confident_fusion_teacher(architecture)
     preprocessor = small_preprocessor(teacher)
     pruned = prune_model(teacher, PruneConfig(ratio=0.5), example_inputs(preprocessor, scenes)).model
 
-    result = recover(pruned, teacher, scenes, preprocessor, RecoverConfig(steps=20, lr=1e-3, batch_size=8))
+    config = RecoverConfig(steps=20, lr=1e-3, batch_size=8, alpha=1.0, pairing=pairing)
+    result = recover(pruned, teacher, scenes, preprocessor, config)
 
-    assert result.after["distillation"] < 0.5 * result.before["distillation"]
+    assert result.steps == 20
+    assert result.after["distillation"] < 0.8 * result.before["distillation"]
+
+
+@pytest.mark.parametrize("pairing", ["pairs", "matrix"])
+def test_recover_fusion_task_loss(scenes, pairing):
+    teacher = confident_fusion_teacher("concat_fusion")
+    preprocessor = small_preprocessor(teacher)
+    pruned = prune_model(teacher, PruneConfig(ratio=0.5), example_inputs(preprocessor, scenes)).model
+
+    config = RecoverConfig(steps=20, lr=1e-3, batch_size=8, alpha=0.0, feature_weight=0.0, pairing=pairing)
+    result = recover(pruned, teacher, scenes, preprocessor, config)
+
     assert result.after["task"] < result.before["task"]
     assert result.after["accuracy"] >= result.before["accuracy"]
 

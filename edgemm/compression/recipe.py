@@ -43,6 +43,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
         "batch_size": (int,),
         "temperature": (float, int),
         "alpha": (float, int),
+        "pairing": (str,),
     },
     "quantize": {
         "mode": (str,),
@@ -77,6 +78,7 @@ QUANTIZE_MODES = ("none", "int8-static", "int8-dynamic", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 IMPORTANCE_KINDS = ("magnitude", "taylor")
 EXPORTERS = ("dynamo", "torchscript")
+PAIRINGS = ("matrix", "pairs")
 
 
 @dataclass
@@ -136,7 +138,7 @@ def default_recipe() -> Recipe:
         sections={
             "target": {"name": "default", "description": "Built-in default: portable settings for x86 and ARM64 CPUs."},
             "prune": {"enabled": True, "ratio": 0.5, "importance": "magnitude", "round_to": 16, "prune_heads": True},
-            "recover": {"enabled": True, "epochs": 3, "lr": 3e-4, "batch_size": 32, "temperature": 2.0, "alpha": 0.5},
+            "recover": {"enabled": True, "epochs": 5, "lr": 3e-4, "batch_size": 32, "temperature": 2.0, "alpha": 0.5, "pairing": "matrix"},
             "quantize": {"mode": "int8-dynamic"},
             "export": {"opset": 18},
             "validate": {"split": "dev", "max_accuracy_drop": 1.0, "max_auc_drop": 0.01, "max_recall_drop": 2.0},
@@ -183,6 +185,7 @@ def _check_values(recipe: Recipe) -> None:
         ("quantize", "image_mode", QUANTIZE_MODES),
         ("quantize", "calibration_method", CALIBRATION_METHODS),
         ("prune", "importance", IMPORTANCE_KINDS),
+        ("recover", "pairing", PAIRINGS),
     ]
     for section, key, choices in checks:
         value = recipe.get(section, key)
