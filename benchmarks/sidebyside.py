@@ -656,6 +656,9 @@ class ModelSuite:
         try:
             row.files = graph_files(package, self.kind)
             row.build["package"] = str(package)
+            recipe = json.loads((package / "manifest.json").read_text(encoding="utf-8")).get("compression", {}).get("recipe")
+            if recipe:
+                row.build["recipe"] = recipe  # The recipe as compress read it, so a row from a file outside the repository can be rebuilt.
             row.runner = OrtRunner(package, self.kind, self.latency_feeds)
         except Exception as error:  # A package that fails to load is recorded on its row.
             row.fail("failed", f"{package} does not load in onnxruntime: {type(error).__name__}: {error}")
@@ -800,7 +803,12 @@ def summarize_model(kind: str, rows: list[Row]) -> dict[str, Any]:
     by_name = {row.name: row for row in rows}
     reference = by_name.get(REFERENCE_ROW)
     original = by_name.get("pytorch-fp32")
-    original_metrics = (original.metrics if original and original.metrics else None) or (reference.metrics if reference else {})
+    # The original is the PyTorch checkpoint; its FP32 ONNX export stands in when that row is missing.
+    original_metrics = {}
+    if original is not None and original.metrics:
+        original_metrics = original.metrics
+    elif reference is not None:
+        original_metrics = reference.metrics
     headline = HEADLINE_TASK[kind]
 
     summaries = []
@@ -809,9 +817,17 @@ def summarize_model(kind: str, rows: list[Row]) -> dict[str, Any]:
         if reference is not None and reference.size_bytes and row.size_bytes:
             summary["size_ratio"] = row.size_bytes / reference.size_bytes
         if reference is not None and reference.latency:
-            summary["speedup"] = {
-                task: reference.latency[task]["p50_ms"] / values["p50_ms"] for task, values in row.latency.items() if task in reference.latency
-            }
+            summary["speedup"] = {}
+            summary["speedup_pooled"] = {}
+            for task, values in row.latency.items():
+                if task not in reference.latency:
+                    continue
+                # The headline ratio is the median over rounds of the ratio within each round, so
+                # that a load change between rounds cancels out. The pooled ratio of the p50s over
+                # all rounds is kept beside it.
+                per_round = [ref / own for ref, own in zip(reference.round_p50_ms[task], row.round_p50_ms[task]) if own > 0]
+                summary["speedup"][task] = float(np.median(per_round)) if per_round else None
+                summary["speedup_pooled"][task] = reference.latency[task]["p50_ms"] / values["p50_ms"]
         if row.metrics and original_metrics:
             summary["accuracy_drop"] = accuracy_drops(kind, original_metrics, row.metrics)
         summaries.append(summary)
@@ -824,7 +840,7 @@ def check_acceptance(kind: str, rows: list[Row], summaries: list[dict[str, Any]]
     """Pick the best edgemm recipe (fastest among those within the accuracy limits) and check every limit."""
     candidates = []
     for row, summary in zip(rows, summaries):
-        if row.family != "edgemm" or row.status != "ok" or headline not in summary.get("speedup", {}):
+        if row.family != "edgemm" or row.status != "ok" or summary.get("speedup", {}).get(headline) is None:
             continue
         drops = summary.get("accuracy_drop", {})
         checks = {
@@ -869,8 +885,10 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"- Command: `{result['command']}`",
         f"- Latency: batch 1, one thread, inference only on preprocessed validation inputs; "
         f"{result['settings']['rounds']} interleaved rounds of {result['settings']['runs_per_round']} runs per row and task "
-        f"after {result['settings']['warmup']} warm-up runs. Speed-up = p50 of {REFERENCE_ROW} / p50 of the row, both from this run.",
+        f"after {result['settings']['warmup']} warm-up runs. Speed-up: the median over rounds of "
+        f"(p50 of {REFERENCE_ROW} / p50 of the row) within each round, all from this run.",
         "- Size: bytes on disk of the files a device loads (ONNX graphs, OpenVINO IR, or PyTorch weights).",
+        *[f"- Note: {note}" for note in result["settings"].get("note", [])],
         "",
     ]
     for label, model in result["models"].items():
@@ -939,14 +957,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "sidebyside", help="Folder for packages, logs and worker files; packages found there are reused.")
     parser.add_argument("--rebuild", action="store_true", help="Build every package again instead of reusing the ones in --work-dir.")
     parser.add_argument("--build-timeout", type=float, default=1800.0, help="Seconds one edgemm export or compress may take before its row is marked failed.")
-    parser.add_argument("--rounds", type=int, default=5, help="Interleaved latency rounds (default: 5).")
-    parser.add_argument("--runs-per-round", type=int, default=20, help="Timed runs per row, task and round (default: 20).")
+    parser.add_argument("--rounds", type=int, default=15, help="Interleaved latency rounds (default: 15).")
+    parser.add_argument("--runs-per-round", type=int, default=5, help="Timed runs per row, task and round (default: 5).")
     parser.add_argument("--warmup", type=int, default=5, help="Untimed runs per row and task before the first round (default: 5).")
     parser.add_argument("--latency-samples", type=int, default=8, help="Validation inputs the timed runs cycle through (default: 8).")
     parser.add_argument("--calibration-size", type=int, default=128, help="Train samples for ORT static and NNCF calibration (default: 128, as edgemm's default calibration set).")
     parser.add_argument("--max-pairs", type=int, default=None, help="Cap on fusion validation pairs (default: all pairs of the split).")
     parser.add_argument("--openvino-python", type=Path, default=None, help="Python of a venv with openvino and nncf; without it the OpenVINO rows are skipped.")
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS / "sidebyside", help="Result path without suffix; .json and .md are written (default: benchmarks/results/sidebyside).")
+    parser.add_argument("--note", action="append", default=[], help="A sentence to record in the results, e.g. why rows were skipped; may be repeated.")
     parser.add_argument("--skip", nargs="*", default=[], metavar="ROW", help="Row names to leave out, e.g. openvino-fp32 pytorch-fp32; they are recorded as skipped.")
     parser.add_argument("--openvino-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1054,8 +1073,8 @@ def write_results(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.openvino_worker:
-        # Replies go to a private copy of stdout; whatever the libraries print (NNCF progress
-        # bars, OpenVINO messages) goes to stderr so that it cannot corrupt the protocol.
+        # Replies go to a private copy of stdout. Whatever the libraries print (NNCF progress
+        # bars, OpenVINO messages) goes to stderr, so it cannot corrupt the protocol.
         replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
         sys.stdout = sys.stderr

@@ -131,6 +131,7 @@ def make_row(name, family, size, p50, metrics):
     row = sidebyside.Row(name, family, name)
     row.files = {"model.onnx": size}
     row.latency = {"pair": {"p50_ms": p50, "p90_ms": p50}}
+    row.round_p50_ms = {"pair": [p50, p50]}
     row.metrics = metrics
     return row
 
@@ -151,6 +152,16 @@ def test_acceptance_picks_fastest_accurate_recipe():
     assert acceptance["speedup"] == pytest.approx(20.0 / 7.0)
 
 
+def test_speedup_is_median_of_round_ratios():
+    reference = make_row("ort-fp32", "onnxruntime", 100, 20.0, ORIGINAL)
+    reference.round_p50_ms = {"pair": [10.0, 40.0, 20.0]}
+    row = make_row("edgemm-a", "edgemm", 20, 12.0, ORIGINAL)
+    row.round_p50_ms = {"pair": [5.0, 10.0, 10.0]}
+    ratios = sidebyside.summarize_model(sidebyside.FUSION, [reference, row])["ratios"]
+    assert ratios[1]["speedup"]["pair"] == pytest.approx(2.0)
+    assert ratios[1]["speedup_pooled"]["pair"] == pytest.approx(20.0 / 12.0)
+
+
 def test_acceptance_fails_on_size():
     rows = [
         make_row("pytorch-fp32", "pytorch", 100, 30.0, ORIGINAL),
@@ -169,6 +180,7 @@ def test_acceptance_checks_recall_for_dual_encoder():
     rows.append(make_row("edgemm-dual", "edgemm", 25, 5.0, {"text_to_image_recall@5": 67.5}))
     for row in rows:
         row.latency = {"query": row.latency["pair"]}
+        row.round_p50_ms = {"query": row.round_p50_ms["pair"]}
     acceptance = sidebyside.summarize_model(sidebyside.DUAL, rows)["acceptance"]
     assert acceptance["checks"]["recall_at_5_drop_at_most_2_points"] is False
     assert acceptance["passed"] is False
