@@ -257,11 +257,11 @@ class ImageTower(nn.Module):
 
     def _init_weights(self) -> None:
         for module in self.modules():
-            if isinstance(module, nn.Conv2d) and module.groups > 1:
-                # torch's fan_out ignores groups, so for a depthwise conv it would count every
-                # output channel and shrink the weights by sqrt(channels); fan_in is k * k there.
-                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-            elif isinstance(module, nn.Conv2d):
+            if isinstance(module, nn.Conv2d):
+                # NOTE: torch's fan_out ignores groups, so depthwise convs start sqrt(channels)
+                # smaller than Kaiming intends. Random tiny towers then give small features; the
+                # heads' LayerNorms rescale them, and the tiny-tower training tests were tuned on
+                # this init (fan_in for depthwise convs made a dual encoder learn worse there).
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.01)
