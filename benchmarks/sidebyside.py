@@ -542,6 +542,7 @@ class ModelSuite:
             # indexes images by caption. Repeating each caption's image satisfies both, and
             # run_torch_model and run_package still encode every unique image once.
             self.val_set.images = [self.val_set.images[index] for index in self.val_set.text_to_image]
+            self.val_set.text_to_image = list(range(self.val_set.size))  # Caption i now has its image at images[i].
         self.latency_feeds = self._latency_feeds()
         self.calibration_feeds = self._calibration_feeds(train_records)
         self.rows: list[Row] = []
