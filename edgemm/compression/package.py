@@ -187,7 +187,7 @@ def export_checkpoint(
             labels=checkpoint.labels,
             opset=opset,
             precision="fp32",
-            decision_threshold=None if threshold is None else float(threshold),
+            decision_threshold=None if checkpoint.model.architecture == "dual_encoder" or threshold is None else float(threshold),
             logit_scale=_logit_scale(checkpoint.model),
             compression={"export": {graph: result.to_dict() for graph, result in results.items()}},
             validation={"parity": parity},

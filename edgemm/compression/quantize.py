@@ -19,13 +19,15 @@ that INT8 is faster than FP32.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -317,7 +319,11 @@ def run_pre_process(source: Path, workdir: Path) -> tuple[Path, dict[str, Any]]:
     reasons = []
     for skip_symbolic in (False, True):
         try:
-            quant_pre_process(str(source), str(target), skip_symbolic_shape=skip_symbolic)
+            # onnxruntime's symbolic shape inference (1.32) saves a debug model with external
+            # data into the working directory when it fails, so run it inside the scratch folder.
+            # NOTE: changing the working directory affects every thread of the process.
+            with _working_directory(workdir):
+                quant_pre_process(str(source.resolve()), str(target.resolve()), skip_symbolic_shape=skip_symbolic)
         except Exception as error:  # noqa: BLE001 - onnxruntime raises bare AssertionError, ValueError, ...
             reasons.append(_describe_failure(error))
             continue
@@ -330,6 +336,16 @@ def run_pre_process(source: Path, workdir: Path) -> tuple[Path, dict[str, Any]]:
     info["fallback_reason"] = f"quant_pre_process failed: {reasons[0]}; without symbolic shapes: {reasons[-1]}"
     logger.warning("Quantizing the graph without pre-processing: %s", info["fallback_reason"])
     return source, info
+
+
+@contextlib.contextmanager
+def _working_directory(folder: Path) -> Iterator[None]:
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _describe_failure(error: BaseException) -> str:
@@ -420,7 +436,9 @@ def _quantize_int8(
         if mode not in selected or node.op_type not in config.op_types_for(mode) or node.name in excluded:
             continue
         # The dynamic quantizer leaves a product of two activations (attention scores) in float.
-        if mode == "int8-dynamic" and not constants.intersection(node.input[1:2]):
+        # A Gather's table (input 0) is its weight; a MatMul's weight is input 1.
+        weight = node.input[0:1] if node.op_type == "Gather" else node.input[1:2]
+        if mode == "int8-dynamic" and not constants.intersection(weight):
             continue
         selected[mode].append(node.name)
 
@@ -607,8 +625,8 @@ def _quantize_dynamic(
         groups = [(flat, True), (other, False)]
         if other:
             notes.append(
-                f"{len(other)} dynamic MatMul nodes with weights of rank other than 2 are quantized "
-                "per-tensor: per-channel fails at inference for them in onnxruntime"
+                f"{len(other)} dynamic nodes (Gather tables, MatMul weights of rank other than 2) are "
+                "quantized per-tensor: per-channel MatMul of other ranks fails at inference in onnxruntime"
             )
 
     current = source
@@ -642,7 +660,10 @@ def _split_by_weight_rank(model: Any, nodes: list[str]) -> tuple[list[str], list
     flat, other = [], []
     for name in nodes:
         node = by_name[name]
-        if node.op_type != "MatMul" or ranks.get(node.input[1], 2) == 2:
+        # Only rank-2 MatMul weights take per-channel scales; Gather tables stay per-tensor.
+        if node.op_type == "MatMul" and ranks.get(node.input[1], 2) == 2:
+            flat.append(name)
+        elif node.op_type != "MatMul" and node.op_type != "Gather":
             flat.append(name)
         else:
             other.append(name)

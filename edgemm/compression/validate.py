@@ -171,7 +171,8 @@ def task_metrics(data: ValidationSet, outputs: ModelOutputs, threshold: float) -
         for image, embed in zip(data.images, outputs.image_embeds):
             image_embeds[row_of[image]] = embed
         similarity = outputs.text_embeds.astype(np.float64) @ image_embeds.T
-        targets = [row_of[data.images[index]] for index in range(data.size)]
+        # data.images lists each image once; text_to_image maps every caption to its image.
+        targets = [row_of[data.images[index]] for index in data.text_to_image]
         recalls = metrics.retrieval_recalls(similarity, targets, RECALL_KS)
         result = {}
         for direction, values in recalls.items():
