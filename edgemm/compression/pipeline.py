@@ -247,6 +247,10 @@ def _prune_and_recover(teacher, recipe, example_inputs, train_records, preproces
     batches = prune_section.pop("calibration_batches", None)
     if batches:
         prune_section["taylor_batches"] = batches
+    if prune_section.pop("keep_residual", False):
+        from edgemm.compression.prune import residual_layers
+
+        prune_section["ignored_layers"] = residual_layers(teacher)
     prune_config = PruneConfig.from_dict(prune_section)
 
     calibration_batches = None

@@ -222,6 +222,30 @@ class PruneResult:
         }
 
 
+# Layers of the edgemm towers that write the residual stream (or a block's output channels).
+# Keeping them unpruned keeps the pretrained representation the head was trained on, and
+# prunes only inner widths: attention heads, MLP and MBConv expansion channels.
+RESIDUAL_WRITER_SUFFIXES = (
+    "word_embeddings",
+    "position_embeddings",
+    "token_type_embeddings",
+    "attention.output.dense",
+    ".output.dense",
+    "_conv_stem",
+    "_project_conv",
+    "_conv_head",
+)
+
+
+def residual_layers(model: nn.Module) -> tuple[str, ...]:
+    """Return the names of the tower layers that write residual or block-output widths."""
+    return tuple(
+        name
+        for name, _ in model.named_modules()
+        if name.startswith(("text_tower.", "image_tower.")) and name.endswith(RESIDUAL_WRITER_SUFFIXES)
+    )
+
+
 def find_parts(model: nn.Module) -> dict[str, list[nn.Module]]:
     """Split `model` into the parts that get their own ratio.
 

@@ -34,6 +34,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
         "global_pruning": (bool,),
         "iterative_steps": (int,),
         "calibration_batches": (int,),
+        "keep_residual": (bool,),
     },
     "recover": {
         "enabled": (bool,),
