@@ -17,6 +17,10 @@ from edgemm.errors import EdgemmError
 
 console = Console()
 err_console = Console(stderr=True)
+# Rich assumes 80 columns when output goes to a file or pipe, which truncates wide tables.
+for _console in (console, err_console):
+    if not _console.is_terminal:
+        _console.width = 160
 
 _state = {"verbose": False}
 
