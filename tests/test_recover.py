@@ -317,3 +317,26 @@ def test_prune_and_recover_torchrun(scenes, tmp_path):
     assert rank1["recoveries"] == 2
     # DDP averages gradients, so both ranks end with the same weights.
     assert rank0["digest"] == rank1["digest"]
+
+
+def test_recover_keeps_frozen_part(scenes):
+    teacher = confident_fusion_teacher("concat_fusion")
+    preprocessor = small_preprocessor(teacher)
+    pruned = prune_model(teacher, PruneConfig(text_ratio=0.5), example_inputs(preprocessor, scenes)).model
+    image_state = {name: value.clone() for name, value in pruned.image_tower.state_dict().items()}
+    text_state = {name: value.clone() for name, value in pruned.text_tower.state_dict().items()}
+
+    config = RecoverConfig(steps=5, lr=1e-3, batch_size=8, frozen_parts=("image_tower",), freeze_batchnorm=False)
+    recover(pruned, teacher, scenes, preprocessor, config)
+
+    for name, value in pruned.image_tower.state_dict().items():
+        assert torch.equal(value, image_state[name]), name
+    assert any(not torch.equal(value, text_state[name]) for name, value in pruned.text_tower.state_dict().items())
+
+
+def test_recover_rejects_unknown_frozen_part(scenes):
+    teacher = confident_fusion_teacher("concat_fusion")
+    preprocessor = small_preprocessor(teacher)
+
+    with pytest.raises(ConfigError, match="frozen_parts"):
+        recover(copy.deepcopy(teacher), teacher, scenes, preprocessor, RecoverConfig(steps=1, frozen_parts=("vision",)))

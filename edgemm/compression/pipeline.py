@@ -262,7 +262,13 @@ def _prune_and_recover(teacher, recipe, example_inputs, train_records, preproces
         result = prune_model(teacher, prune_config, example_inputs, calibration_batches)
         return result.model.eval(), {"enabled": True, **result.to_dict()}, {"enabled": False}
 
-    recover_config = recovery.RecoverConfig.from_recipe(recipe.section("recover"))
+    recover_section = recipe.section("recover")
+    # A tower with no prune ratio keeps its weights, so recovery leaves it frozen.
+    recover_section["frozen_parts"] = tuple(
+        part for part, key in (("text_tower", "text_ratio"), ("image_tower", "image_ratio"))
+        if prune_config.ratio is None and getattr(prune_config, key) is None
+    )
+    recover_config = recovery.RecoverConfig.from_recipe(recover_section)
     stage(f"prune and recover ({prune_config.iterative_steps} step(s))")
     result = recovery.prune_and_recover(
         teacher, prune_config, recover_config, example_inputs, train_records, preprocessor, calibration_batches

@@ -66,7 +66,8 @@ class RecoverConfig:
     image and scores every text of a batch with every image of it, so a batch of B images gives
     B * B distilled pairs for the cost of B tower passes: with five captions per image that is
     about 10x less tower work per epoch, which real towers on a CPU need. Dual encoders always
-    use in-batch pairs.
+    use in-batch pairs. `frozen_parts` names submodules (e.g. "image_tower") that stay fixed:
+    a tower that was not pruned needs no recovery, and freezing it skips its backward pass.
     """
 
     steps: int | None = None
@@ -85,6 +86,7 @@ class RecoverConfig:
     eval_pairs: int = 64
     seed: int = 0
     pairing: str = "pairs"
+    frozen_parts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -102,6 +104,7 @@ class RecoverConfig:
         _require(self.feature_weight >= 0, "feature_weight", self.feature_weight, "Use 0 to turn feature distillation off, or a positive weight.")
         _require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "Use a positive gradient norm limit such as 1.0.")
         _require(self.pairing in PAIRINGS, "pairing", self.pairing, f"Use one of {list(PAIRINGS)}.")
+        self.frozen_parts = tuple(self.frozen_parts)
         _require(self.negatives_per_positive >= 1, "negatives_per_positive", self.negatives_per_positive, "Use at least 1.")
         _require(self.eval_pairs >= 2, "eval_pairs", self.eval_pairs, "Use at least 2 pairs to measure recovery.")
 
@@ -398,8 +401,10 @@ def _maybe_cached(dataset):
     return _CachedPairs(dataset) if size <= CACHE_LIMIT_BYTES else dataset
 
 
-def _train_mode(model: nn.Module, freeze_batchnorm: bool) -> None:
+def _train_mode(model: nn.Module, freeze_batchnorm: bool, frozen_parts: Sequence[str] = ()) -> None:
     model.train()
+    for part in frozen_parts:
+        getattr(model, part).eval()
     if freeze_batchnorm:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -510,6 +515,12 @@ def _recover(
         parameter.requires_grad_(False)
     for parameter in student.parameters():
         parameter.requires_grad_(True)
+    for part in config.frozen_parts:
+        module = getattr(student, part, None)
+        if module is None:
+            raise ConfigError(f"Recover option frozen_parts names {part!r}, which the model does not have.", "Use text_tower, image_tower or leave it empty.")
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
 
     records = _prepare_records(student, dataset_records, config)
     dataset = _maybe_cached(PairDataset(records, preprocessor))
@@ -545,7 +556,7 @@ def _recover(
     step = 0
     epoch = 0
     while step < total_steps:
-        _train_mode(student, config.freeze_batchnorm)
+        _train_mode(student, config.freeze_batchnorm, config.frozen_parts)
         running = {"loss": 0.0, "batches": 0}
         for batch in _batches(dataset, config, context, epoch, drop_last=dual or matrix):
             inputs = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
