@@ -36,6 +36,29 @@ FAST = {
 }
 
 
+# The recipe these tests start from: every tower pruned, so each test exercises the whole
+# pruning path on tiny models (the built-in default prunes only the text tower).
+BASE_RECIPE = """
+[prune]
+ratio = 0.5
+round_to = 16
+[recover]
+epochs = 1
+pairing = "pairs"
+[quantize]
+mode = "int8-dynamic"
+[validate]
+split = "dev"
+"""
+
+
+@pytest.fixture(scope="module")
+def base_recipe(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("recipes") / "base.toml"
+    path.write_text(BASE_RECIPE)
+    return path
+
+
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("scenes") / "data"
@@ -49,8 +72,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {arch: make_tiny_checkpoint(root / arch, arch) for arch in ARCHITECTURES}
 
 
-def run(checkpoint: Path, out: Path, dataset: Path, **overrides):
-    recipe = load_recipe(None, {**FAST, **overrides})
+def run(base_recipe: Path, checkpoint: Path, out: Path, dataset: Path, **overrides):
+    recipe = load_recipe(base_recipe, {**FAST, **overrides})
     settings = CompressSettings(checkpoint=checkpoint, out=out, recipe=recipe, dataset=dataset, latency_runs=3)
     return compress(settings)
 
@@ -63,10 +86,10 @@ def calibration_toml(folder: Path, dataset: Path) -> Path:
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("ratio", (0.3, 0.5))
-def test_compress_every_mode(architecture, ratio, scenes, checkpoints, tmp_path):
+def test_compress_every_mode(architecture, ratio, base_recipe, scenes, checkpoints, tmp_path):
     for mode in MODES:
         out = tmp_path / f"pkg-{mode}"
-        recipe = load_recipe(None, {**FAST, "prune.ratio": ratio, "quantize.mode": mode})
+        recipe = load_recipe(base_recipe, {**FAST, "prune.ratio": ratio, "quantize.mode": mode})
         settings = CompressSettings(
             checkpoint=checkpoints[architecture],
             out=out,
@@ -93,9 +116,9 @@ def test_compress_every_mode(architecture, ratio, scenes, checkpoints, tmp_path)
         assert graphs <= set(manifest["files"])
 
 
-def test_manifest_records_what_was_done(scenes, checkpoints, tmp_path):
+def test_manifest_records_what_was_done(base_recipe, scenes, checkpoints, tmp_path):
     out = tmp_path / "pkg"
-    run(checkpoints["concat_fusion"], out, scenes, **{"prune.ratio": 0.5, "quantize.mode": "int8-dynamic"})
+    run(base_recipe, checkpoints["concat_fusion"], out, scenes, **{"prune.ratio": 0.5, "quantize.mode": "int8-dynamic"})
 
     manifest = json.loads((out / "manifest.json").read_text())
     compression = manifest["compression"]
@@ -115,9 +138,9 @@ def test_manifest_records_what_was_done(scenes, checkpoints, tmp_path):
     assert 0 < validation["num_samples"] <= 32
 
 
-def test_no_prune_keeps_widths(scenes, checkpoints, tmp_path):
+def test_no_prune_keeps_widths(base_recipe, scenes, checkpoints, tmp_path):
     out = tmp_path / "pkg"
-    run(checkpoints["concat_fusion"], out, scenes, **{"prune.enabled": False, "quantize.mode": "int8-dynamic"})
+    run(base_recipe, checkpoints["concat_fusion"], out, scenes, **{"prune.enabled": False, "quantize.mode": "int8-dynamic"})
 
     compression = json.loads((out / "manifest.json").read_text())["compression"]
     assert compression["prune"] == {"enabled": False}
@@ -142,7 +165,7 @@ def trained_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
     return root / "ckpt", data
 
 
-def test_accuracy_drop_fails_and_writes_nothing(trained_checkpoint, tmp_path):
+def test_accuracy_drop_fails_and_writes_nothing(trained_checkpoint, base_recipe, tmp_path):
     checkpoint, data = trained_checkpoint
     out = tmp_path / "pkg"
     overrides = {
@@ -154,7 +177,7 @@ def test_accuracy_drop_fails_and_writes_nothing(trained_checkpoint, tmp_path):
         "validate.max_recall_drop": 0.0,
     }
     with pytest.raises(AccuracyError) as caught:
-        compress(CompressSettings(checkpoint=checkpoint, out=out, recipe=load_recipe(None, overrides), dataset=data, latency_runs=3))
+        compress(CompressSettings(checkpoint=checkpoint, out=out, recipe=load_recipe(base_recipe, overrides), dataset=data, latency_runs=3))
 
     assert "fell by" in str(caught.value)
     assert not out.exists()
@@ -215,7 +238,7 @@ def test_recipe_rejects_unknown_section(tmp_path):
         load_recipe(recipe)
 
 
-def test_calibration_without_usable_samples(scenes, checkpoints, tmp_path):
+def test_calibration_without_usable_samples(base_recipe, scenes, checkpoints, tmp_path):
     broken = tmp_path / "broken"
     (broken / "images").mkdir(parents=True)
     lines = []
@@ -230,7 +253,7 @@ def test_calibration_without_usable_samples(scenes, checkpoints, tmp_path):
             CompressSettings(
                 checkpoint=checkpoints["concat_fusion"],
                 out=out,
-                recipe=load_recipe(None, {**FAST, "quantize.mode": "int8-static"}),
+                recipe=load_recipe(base_recipe, {**FAST, "quantize.mode": "int8-static"}),
                 dataset=scenes,
                 calibration=calibration_toml(tmp_path, broken),
             )
@@ -250,19 +273,35 @@ def test_unsupported_opset_fails_early(scenes, checkpoints, tmp_path):
     assert not out.exists()
 
 
-def test_existing_output_is_kept(scenes, checkpoints, tmp_path):
+def test_existing_output_is_kept(base_recipe, scenes, checkpoints, tmp_path):
     out = tmp_path / "pkg"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
 
     with pytest.raises(Exception, match="already exists"):
-        run(checkpoints["concat_fusion"], out, scenes, **{"prune.ratio": 0.3})
+        run(base_recipe, checkpoints["concat_fusion"], out, scenes, **{"prune.ratio": 0.3})
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_checkpoint_is_not_modified(scenes, checkpoints, tmp_path):
+def test_checkpoint_is_not_modified(base_recipe, scenes, checkpoints, tmp_path):
     checkpoint = checkpoints["cross_attention"]
     before = {path.name: path.read_bytes() for path in checkpoint.iterdir()}
-    run(checkpoint, tmp_path / "pkg", scenes, **{"prune.ratio": 0.3, "quantize.mode": "int8-dynamic"})
+    run(base_recipe, checkpoint, tmp_path / "pkg", scenes, **{"prune.ratio": 0.3, "quantize.mode": "int8-dynamic"})
     after = {path.name: path.read_bytes() for path in checkpoint.iterdir()}
     assert before == after
+
+
+def test_default_recipe_prunes_text_inner_widths(scenes, checkpoints, tmp_path):
+    out = tmp_path / "pkg"
+    recipe = load_recipe(None, {**FAST, "prune.round_to": 8})
+    compress(CompressSettings(checkpoint=checkpoints["concat_fusion"], out=out, recipe=recipe, dataset=scenes, latency_runs=3))
+
+    compression = json.loads((out / "manifest.json").read_text())["compression"]
+    parts = compression["prune"]["parts"]
+    assert parts["text_tower"]["params_after"] < parts["text_tower"]["params_before"]
+    assert parts["image_tower"]["params_after"] == parts["image_tower"]["params_before"]
+    assert compression["recover"]["config"]["frozen_parts"] == ["image_tower"]
+    assert sorted(compression["quantization"]["op_types"]) == ["Gather", "MatMul"]
+    ignored = compression["prune"]["config"]["ignored_layers"]
+    assert "text_tower.embeddings.word_embeddings" in ignored
+    assert all(not name.endswith("intermediate.dense") for name in ignored)
