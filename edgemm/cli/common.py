@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -28,13 +29,24 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def configure_logging(verbose: bool) -> None:
+    """Log edgemm's own INFO messages (DEBUG with --verbose); other libraries log warnings only.
+
+    Without --verbose, the exporter's and quantizer's chatter (hundreds of INFO lines, torch's
+    notes on torchvision, Python warnings from torch.onnx) is hidden.
+    """
     _state["verbose"] = verbose
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    logging.getLogger("edgemm").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch(\.|$)")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def is_verbose() -> bool:

@@ -107,10 +107,14 @@ def print_summary(result) -> None:
     table.add_column("metric")
     table.add_column("original (FP32)", justify="right")
     table.add_column("compressed", justify="right")
-    table.add_column("change", justify="right")
+    table.add_column("change (ratio or points)", justify="right")
     for row in result.summary:
         before, after = row["before"], row["after"]
-        change = f"{after / before:.2f}x" if before else ""
+        if row["metric"] in ("accuracy", "roc_auc") or "recall" in row["metric"]:
+            # Task metrics change in points, the unit of the --max-*-drop limits.
+            change = f"{after - before:+.4g}"
+        else:
+            change = f"{after / before:.2f}x" if before else ""
         table.add_row(row["metric"], f"{before:.4g}", f"{after:.4g}", change)
     console.print(table)
     latency = result.validation.get("latency", {})

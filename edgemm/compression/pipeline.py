@@ -193,7 +193,7 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
 def _resolve_dataset(dataset: Path | None, extra: dict[str, Any]) -> Path:
     if dataset is not None:
         return Path(dataset)
-    recorded = extra.get("dataset")
+    recorded = extra.get("dataset") or extra.get("training", {}).get("dataset")
     if recorded and Path(recorded).exists():
         logger.info("Using the dataset the checkpoint was trained on: %s", recorded)
         return Path(recorded)
