@@ -43,7 +43,10 @@ def configure_logging(verbose: bool) -> None:
     )
     logging.getLogger("edgemm").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
-        logging.getLogger("torch").setLevel(logging.ERROR)
+        # torch configures some of its loggers itself, so name the one that warns about
+        # torchvision (which edgemm deliberately does not use) as well as the parent.
+        for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch(\.|$)")
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
