@@ -41,7 +41,8 @@ import numpy as np
 logger = logging.getLogger("sidebyside")
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATASET = Path("/work/shared/data/flickr8k-1k")
+# The shared data folder sits beside the repository clone.
+DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-1k"
 DEFAULT_RESULTS = REPO / "benchmarks" / "results"
 
 # Graphs a device runs, per model kind, and the latency tasks measured on them.
