@@ -305,3 +305,24 @@ def test_default_recipe_prunes_text_inner_widths(scenes, checkpoints, tmp_path):
     ignored = compression["prune"]["config"]["ignored_layers"]
     assert "text_tower.embeddings.word_embeddings" in ignored
     assert all(not name.endswith("intermediate.dense") for name in ignored)
+
+
+def test_keep_work_saves_pruned_checkpoint(base_recipe, scenes, checkpoints, tmp_path):
+    from edgemm.compression.profile import count_params
+    from edgemm.models.checkpoint import load_checkpoint
+
+    work = tmp_path / "work"
+    recipe = load_recipe(base_recipe, {**FAST, "prune.ratio": 0.5})
+    compress(
+        CompressSettings(
+            checkpoint=checkpoints["cross_attention"], out=tmp_path / "pkg", recipe=recipe, dataset=scenes, keep_work=work, latency_runs=3
+        )
+    )
+
+    pruned = load_checkpoint(work / "pruned-checkpoint")
+    original = load_checkpoint(checkpoints["cross_attention"])
+    manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
+    assert count_params(pruned.model) < count_params(original.model)
+    assert count_params(pruned.model) == manifest["compression"]["size"]["total"]["params_after"]
+    assert pruned.extra["compression"]["prune"]["enabled"] is True
+    assert (work / "student" / "model.onnx").is_file()

@@ -131,6 +131,8 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
 
     profile_after = profile_model(student, example_inputs)
     records["size"] = _profile_record(profile_before, profile_after)
+    if settings.keep_work is not None and student is not teacher:
+        _save_student(student, checkpoint, Path(settings.keep_work) / "pruned-checkpoint", records)
 
     stage("export the compressed model")
     student_graphs = _export_graphs(student, work / "student", example_inputs, recipe)
@@ -180,7 +182,7 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
     package = _write_package(settings.out, final_graphs, package_args, records, validation_record, overwrite=settings.overwrite)
 
     manifest = json.loads((package / "manifest.json").read_text(encoding="utf-8"))
-    summary = _summary_rows(records["size"], baseline_graphs, final_graphs, report, latency, kind)
+    summary = _summary_rows(records["size"], baseline_graphs, final_graphs, report, latency, architecture)
     return CompressResult(
         package=package,
         manifest=manifest,
@@ -188,6 +190,23 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
         validation=validation_record,
         seconds=time.perf_counter() - started,
     )
+
+
+def _save_student(student, checkpoint, folder: Path, records: dict[str, Any]) -> None:
+    """Save the pruned and recovered model as an edgemm checkpoint (for --keep-work)."""
+    from edgemm.models.checkpoint import save_checkpoint
+
+    save_checkpoint(
+        student,
+        folder,
+        labels=list(checkpoint.labels),
+        input_spec=checkpoint.input_spec,
+        vocab_path=checkpoint.vocab_path,
+        history=checkpoint.history,
+        extra={**checkpoint.extra, "compression": {"prune": records["prune"], "recover": records["recover"]}},
+        overwrite=True,
+    )
+    logger.info("Saved the pruned model as a checkpoint in %s", folder)
 
 
 def _resolve_dataset(dataset: Path | None, extra: dict[str, Any]) -> Path:
@@ -417,10 +436,11 @@ def _latency_record(baseline_graphs, final_graphs, architecture, preprocessor, r
     return result
 
 
-def _summary_rows(size, baseline_graphs, final_graphs, report, latency, kind) -> list[dict[str, Any]]:
+def _summary_rows(size, baseline_graphs, final_graphs, report, latency, architecture) -> list[dict[str, Any]]:
     total = size.get("total", {})
-    size_before = sum(Path(p).stat().st_size for g, p in baseline_graphs.items() if g in RUNTIME_GRAPHS_BY_KIND[kind])
-    size_after = sum(Path(p).stat().st_size for g, p in final_graphs.items() if g in RUNTIME_GRAPHS_BY_KIND[kind])
+    runtime_graphs = RUNTIME_GRAPHS[architecture]
+    size_before = sum(Path(path).stat().st_size for graph, path in baseline_graphs.items() if graph in runtime_graphs)
+    size_after = sum(Path(path).stat().st_size for graph, path in final_graphs.items() if graph in runtime_graphs)
     rows = [
         {"metric": "ONNX size (MB)", "before": size_before / 1e6, "after": size_after / 1e6},
         {"metric": "parameters (M)", "before": total.get("params_before", 0) / 1e6, "after": total.get("params_after", 0) / 1e6},
@@ -430,9 +450,3 @@ def _summary_rows(size, baseline_graphs, final_graphs, report, latency, kind) ->
         rows.append({"metric": name, "before": report.before[name], "after": report.after[name]})
     rows.append({"metric": "p50 latency, batch 1, 1 thread (ms)", "before": latency["p50_ms_before"], "after": latency["p50_ms_after"]})
     return rows
-
-
-RUNTIME_GRAPHS_BY_KIND = {
-    "fusion_classifier": ("model",),
-    "dual_encoder": ("text_encoder", "image_encoder"),
-}
