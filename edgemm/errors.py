@@ -1,6 +1,6 @@
 """Exceptions that the CLI reports as one clear line instead of a traceback.
 
-Every message names the offending value (a path, an option, a field) and says how to fix it.
+Every message names the offending value (a path, an option, a field) and how to fix it.
 """
 
 

@@ -1,9 +1,9 @@
 """The built-in default of `edgemm compress` (what `make demo` runs).
 
-It needs no external data: it generates captioned shape scenes, trains the reference
+It needs no external data. It generates captioned shape scenes and trains the reference
 concat-fusion model on the pretrained MiniLM-L6 and EfficientNet-Lite0 towers (from the
-`towers` extra; tiny random towers when those packages are missing), compresses it with the
-given recipe, benchmarks the package against the FP32 export and prints a summary.
+`towers` extra, or tiny random towers when those packages are missing). Then it compresses the
+model with the given recipe, benchmarks the package against the FP32 export and prints a summary.
 """
 
 from __future__ import annotations

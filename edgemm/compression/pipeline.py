@@ -408,12 +408,11 @@ def _profile_record(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
 
 
 def _graph_feeds(path: Path, preprocessor, records: list[Record]) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
+    from edgemm.compression.calibration import graph_input_names
 
     record = records[0]
     feed = preprocessor([record.text], [record.image])
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return {item.name: feed[item.name] for item in session.get_inputs()}
+    return {name: feed[name] for name in graph_input_names(path)}
 
 
 def _latency_record(baseline_graphs, final_graphs, architecture, preprocessor, records, settings) -> dict[str, Any]:

@@ -134,7 +134,7 @@ def load_recipe(path: Path | str | None, overrides: dict[str, Any] | None = None
 
 
 def default_recipe() -> Recipe:
-    """The built-in recipe used when no --recipe is given.
+    """Return the built-in recipe, used when no --recipe is given.
 
     Prune 30 % of the text tower's inner widths (heads and MLP, residual width kept), distil for
     two epochs with the image tower frozen, then dynamic INT8 on MatMul and Gather. Measured on

@@ -18,6 +18,7 @@ return None.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -63,10 +64,10 @@ class RecoverConfig:
 
     `pairing` decides what a fusion classifier trains on. "pairs" (the default) trains on the
     labelled match/mismatch pairs of `make_matching_pairs`. "matrix" takes one caption per
-    image and scores every text of a batch with every image of it, so a batch of B images gives
-    B * B distilled pairs for the cost of B tower passes: with five captions per image that is
-    about 10x less tower work per epoch, which real towers on a CPU need. Dual encoders always
-    use in-batch pairs. `frozen_parts` names submodules (e.g. "image_tower") that stay fixed:
+    image and scores every text of a batch with every image of it. A batch of B images then
+    gives B * B distilled pairs for the cost of B tower passes. With five captions per image
+    that is about 10x less tower work per epoch, which real towers on a CPU need. Dual encoders
+    always use in-batch pairs. `frozen_parts` names submodules (e.g. "image_tower") that stay fixed:
     a tower that was not pruned needs no recovery, and freezing it skips its backward pass.
     """
 
@@ -202,6 +203,24 @@ def _similarity_matrix(features: torch.Tensor) -> torch.Tensor:
     return normalized @ normalized.T
 
 
+def _feature_loss(text, image, teacher_text, teacher_image) -> torch.Tensor:
+    """Compare batch similarity matrices, which needs no projection when pruned widths differ."""
+    text_loss = F.mse_loss(_similarity_matrix(text), _similarity_matrix(teacher_text))
+    image_loss = F.mse_loss(_similarity_matrix(image), _similarity_matrix(teacher_image))
+    return text_loss + image_loss
+
+
+def _logit_distillation(output: torch.Tensor, teacher_output: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Return the KL divergence of temperature-softened logits, scaled by temperature**2."""
+    divergence = F.kl_div(
+        F.log_softmax(output / temperature, dim=-1),
+        F.log_softmax(teacher_output / temperature, dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    return divergence * temperature**2
+
+
 def _losses(
     student: tuple,
     teacher: tuple,
@@ -213,9 +232,7 @@ def _losses(
     output, text, image, scale = student
     teacher_output, teacher_text, teacher_image, _ = teacher
 
-    feature = F.mse_loss(_similarity_matrix(text), _similarity_matrix(teacher_text)) + F.mse_loss(
-        _similarity_matrix(image), _similarity_matrix(teacher_image)
-    )
+    feature = _feature_loss(text, image, teacher_text, teacher_image)
     if dual:
         text_embeds, image_embeds = output
         teacher_text_embeds, teacher_image_embeds = teacher_output
@@ -224,13 +241,7 @@ def _losses(
         ).mean()
         task = info_nce_loss(text_embeds, image_embeds, scale)
     else:
-        temperature = config.temperature
-        distillation = F.kl_div(
-            F.log_softmax(output / temperature, dim=-1),
-            F.log_softmax(teacher_output / temperature, dim=-1),
-            log_target=True,
-            reduction="batchmean",
-        ) * temperature**2
+        distillation = _logit_distillation(output, teacher_output, config.temperature)
         labels = batch["label"]
         classes = torch.where(labels == 1, config.match_index, 1 - config.match_index)
         task = F.cross_entropy(output, classes)
@@ -261,12 +272,15 @@ class _MatrixStep(nn.Module):
         return output, _pool_text(text_feats, attention_mask), _pool_image(image_feats), None
 
 
+@functools.lru_cache(maxsize=4)
+def _fingerprint_projection(size: int) -> torch.Tensor:
+    return torch.randn(size, dtype=torch.float64, generator=torch.Generator().manual_seed(1234))
+
+
 def _image_fingerprints(pixel_values: torch.Tensor) -> torch.Tensor:
-    """A number per image that equal images share: a fixed random projection of the pixels."""
+    """Project each image's pixels on a fixed random vector: equal images get equal numbers."""
     flat = pixel_values.flatten(1).double()
-    generator = torch.Generator().manual_seed(1234)
-    projection = torch.randn(flat.shape[1], dtype=torch.float64, generator=generator)
-    return flat @ projection
+    return flat @ _fingerprint_projection(flat.shape[1])
 
 
 def matrix_labels(pixel_values: torch.Tensor) -> torch.Tensor:
@@ -279,21 +293,16 @@ def _matrix_losses(student: tuple, teacher: tuple, batch: Mapping[str, torch.Ten
     """Losses over all B * B pairs of a batch; the task loss weighs matches and mismatches equally."""
     output, text, image, _ = student
     teacher_output, teacher_text, teacher_image, _ = teacher
-    feature = F.mse_loss(_similarity_matrix(text), _similarity_matrix(teacher_text)) + F.mse_loss(
-        _similarity_matrix(image), _similarity_matrix(teacher_image)
-    )
-    temperature = config.temperature
-    distillation = F.kl_div(
-        F.log_softmax(output / temperature, dim=-1),
-        F.log_softmax(teacher_output / temperature, dim=-1),
-        log_target=True,
-        reduction="batchmean",
-    ) * temperature**2
+    feature = _feature_loss(text, image, teacher_text, teacher_image)
+    distillation = _logit_distillation(output, teacher_output, config.temperature)
+
     labels = matrix_labels(batch["pixel_values"])
     classes = torch.where(labels == 1, config.match_index, 1 - config.match_index)
     per_pair = F.cross_entropy(output, classes, reduction="none")
     matches = labels == 1
-    task = 0.5 * per_pair[matches].mean() + 0.5 * (per_pair[~matches].mean() if (~matches).any() else per_pair.sum() * 0)
+    task = per_pair[matches].mean()
+    if (~matches).any():
+        task = 0.5 * task + 0.5 * per_pair[~matches].mean()
     return {"distillation": distillation, "feature": feature, "task": task}
 
 

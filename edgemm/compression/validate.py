@@ -1,10 +1,10 @@
 """Validate a compressed model package against the original PyTorch model.
 
-Both sides see the same validation set, built with the runtime's own preprocessing:
-- fusion models: a fixed, seeded set of matching pairs (each caption with its image, and as many
-  mismatched captions); metrics are accuracy at the decision threshold and ROC-AUC;
-- dual encoders: the split's unique images and all their captions; metrics are recall@1/5/10
-  in both directions.
+Both sides see the same validation set, built with the runtime's own preprocessing.
+- Fusion models get a fixed, seeded set of matching pairs: each caption with its image, and as
+  many mismatched captions. The metrics are accuracy at the decision threshold and ROC-AUC.
+- Dual encoders get the split's unique images and all their captions. The metrics are
+  recall@1/5/10 in both directions.
 Parity compares the package's outputs with the original's on the same inputs (decision
 agreement and match-score difference for fusion models, embedding cosine for dual encoders).
 """
@@ -49,7 +49,7 @@ class ValidationSet:
 
 @dataclass
 class ModelOutputs:
-    """What one model produced on a `ValidationSet`."""
+    """Outputs of one model on a `ValidationSet`."""
 
     match_scores: np.ndarray | None = None  # fusion: P(match) per pair
     text_embeds: np.ndarray | None = None  # dual encoder
@@ -188,7 +188,7 @@ def task_metrics(data: ValidationSet, outputs: ModelOutputs, threshold: float) -
 
 
 def parity_metrics(data: ValidationSet, reference: ModelOutputs, candidate: ModelOutputs, threshold: float) -> dict[str, float]:
-    """How closely the candidate reproduces the reference on the same inputs."""
+    """Measure how closely the candidate reproduces the reference on the same inputs."""
     if data.kind == "dual_encoder":
         text_cos = _row_cosine(reference.text_embeds, candidate.text_embeds)
         image_cos = _row_cosine(reference.image_embeds, candidate.image_embeds)

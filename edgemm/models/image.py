@@ -259,9 +259,9 @@ class ImageTower(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 # NOTE: torch's fan_out ignores groups, so depthwise convs start sqrt(channels)
-                # smaller than Kaiming intends. Random tiny towers then give small features; the
-                # heads' LayerNorms rescale them, and the tiny-tower training tests were tuned on
-                # this init (fan_in for depthwise convs made a dual encoder learn worse there).
+                # smaller than Kaiming intends and random tiny towers give small features. The
+                # heads' LayerNorms rescale them. fan_in for depthwise convs made a tiny dual
+                # encoder learn worse on generated scenes, so this init stays.
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.01)
