@@ -326,3 +326,55 @@ def test_keep_work_saves_pruned_checkpoint(base_recipe, scenes, checkpoints, tmp
     assert count_params(pruned.model) == manifest["compression"]["size"]["total"]["params_after"]
     assert pruned.extra["compression"]["prune"]["enabled"] is True
     assert (work / "student" / "model.onnx").is_file()
+
+
+def test_smaller_image_size_is_served_and_recorded(base_recipe, scenes, checkpoints, tmp_path):
+    from edgemm.runtime import load
+
+    out = tmp_path / "pkg"
+    overrides = {"prune.enabled": False, "input.image_size": 48, "recover.pairing": "matrix"}
+    run(base_recipe, checkpoints["concat_fusion"], out, scenes, **overrides)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    compression = manifest["compression"]
+    assert manifest["inputs"]["image"]["crop"] == 48
+    assert manifest["inputs"]["image"]["resize"] == 54  # 48 * 72 / 64: the same share of each photo
+    assert compression["input"] == {"image_size_before": 64, "image_size_after": 48, "resize_before": 72, "resize_after": 54}
+    assert compression["recover"]["enabled"] is True
+    assert compression["recover"]["config"]["frozen_parts"] == ["text_tower", "image_tower"]
+    total = compression["size"]["total"]
+    assert total["params_after"] == total["params_before"]
+    assert total["macs_after"] < total["macs_before"]
+
+    model = load(out)
+    image = next((scenes / "images").glob("*.png"))
+    result = model.predict(["a red circle"], [image])
+    assert result.scores.shape == (1, 2)
+
+
+def test_image_size_with_pruning_distils_from_full_size_teacher(base_recipe, scenes, checkpoints, tmp_path):
+    out = tmp_path / "pkg"
+    run(base_recipe, checkpoints["dual_encoder"], out, scenes, **{"prune.ratio": 0.3, "input.image_size": 40})
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"]["image"]["crop"] == 40
+    assert manifest["compression"]["input"]["image_size_after"] == 40
+    assert manifest["validation"]["passed"] is True
+
+
+def test_image_size_larger_than_model_fails(base_recipe, scenes, checkpoints, tmp_path):
+    with pytest.raises(ConfigError, match="input.image_size=96 is larger"):
+        run(base_recipe, checkpoints["concat_fusion"], tmp_path / "pkg", scenes, **{"input.image_size": 96})
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_image_size_below_minimum_is_rejected():
+    with pytest.raises(ConfigError, match="input.image_size=16"):
+        load_recipe(None, {"input.image_size": 16})
+
+
+def test_recipe_quantization_types():
+    recipe = load_recipe(None, {"quantize.activation_type": "uint8", "quantize.weight_type": "int8"})
+    assert recipe.get("quantize", "activation_type") == "uint8"
+    with pytest.raises(ConfigError, match="quantize.activation_type='int4'"):
+        load_recipe(None, {"quantize.activation_type": "int4"})

@@ -503,32 +503,38 @@ def test_fallback_limit_unreachable(tmp_path):
     assert not out.exists()
 
 
-def test_tiny_edgemm_model_mixed_towers(scenes, tmp_path):
-    from collections import Counter
-
+def tiny_fusion_graph(scenes: Path, folder: Path):
+    """Export a tiny edgemm concat-fusion model; return the graph and a calibration reader for it."""
     from edgemm.compression.calibration import graph_input_names
     from edgemm.compression.export_onnx import export_onnx
-    from edgemm.compression.quantize import node_towers
     from edgemm.models.checkpoint import load_checkpoint
     from edgemm.models.testing import make_tiny_checkpoint
 
-    checkpoint = load_checkpoint(make_tiny_checkpoint(tmp_path / "checkpoint", "concat_fusion"))
+    checkpoint = load_checkpoint(make_tiny_checkpoint(folder / "checkpoint", "concat_fusion"))
     examples = {
         "input_ids": torch.ones(2, 8, dtype=torch.int64),
         "attention_mask": torch.ones(2, 8, dtype=torch.int64),
         "pixel_values": torch.randn(2, 3, 64, 64),
     }
-    path = tmp_path / "model.onnx"
+    path = folder / "model.onnx"
     export_onnx(checkpoint.model, path, example_inputs=examples)
-
-    towers = Counter(node_towers(onnx.load(str(path))).values())
-    assert towers["text"] > 0
-    assert towers["image"] > 0
-
     calibration = CalibrationSet(path=scenes, size=8, batch_size=4)
     reader = EdgemmCalibrationReader.from_spec(
         calibration, graph_input_names(path), checkpoint.input_spec, checkpoint.vocab_path
     )
+    return path, reader
+
+
+def test_tiny_edgemm_model_mixed_towers(scenes, tmp_path):
+    from collections import Counter
+
+    from edgemm.compression.quantize import node_towers
+
+    path, reader = tiny_fusion_graph(scenes, tmp_path)
+    towers = Counter(node_towers(onnx.load(str(path))).values())
+    assert towers["text"] > 0
+    assert towers["image"] > 0
+
     feeds = reader.first_batch()
     out = tmp_path / "mixed.onnx"
     config = QuantizeConfig(mode="none", text_mode="int8-dynamic", image_mode="int8-static")
@@ -552,3 +558,31 @@ def test_weight_only_int8(fusion_onnx, scenes, tmp_path):
     assert "MatMulNBits" in op_types(out)
     assert "DynamicQuantizeLinear" not in op_types(out)
     assert relative_error(run(fusion_onnx, feeds), run(out, feeds)) < 0.05
+
+
+def test_uint8_activations_turn_every_image_conv_into_qlinearconv(scenes, tmp_path):
+    """The x86 recipe's image-tower settings: no Conv may stay float between Q and DQ nodes."""
+    path, reader = tiny_fusion_graph(scenes, tmp_path)
+    image_ops = ["Conv", "Clip", "Relu", "Add", "GlobalAveragePool"]
+
+    def quantize(name: str, op_types: list[str]):
+        config = QuantizeConfig(
+            mode="int8-dynamic", image_mode="int8-static", activation_type="uint8", op_types_to_quantize=op_types
+        )
+        return quantize_model(path, tmp_path / name, config, reader)
+
+    mixed = quantize("mixed.onnx", ["MatMul", "Gather", *image_ops])
+    text_only = quantize("text.onnx", ["MatMul", "Gather"])
+
+    # Add and Clip are in the shared list for the static image tower. The dynamic text tower
+    # cannot quantize them, so they must not be counted there.
+    assert mixed.nodes_quantized["int8-dynamic"] == text_only.nodes_quantized["int8-dynamic"]
+    assert mixed.nodes_quantized["int8-static"] > 0
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "mixed.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    convs = onnx.load(str(path)).graph.node
+    assert optimized.count("QLinearConv") == sum(node.op_type == "Conv" for node in convs)
+    assert not {"Conv", "FusedConv", "NhwcFusedConv"} & set(optimized)

@@ -102,6 +102,8 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
     kind = "dual_encoder" if architecture == "dual_encoder" else "fusion_classifier"
     threshold = float(checkpoint.extra.get("decision_threshold", 0.5))
     preprocessor = Preprocessor(checkpoint.input_spec, checkpoint.vocab_path)
+    student_spec = student_input_spec(checkpoint.input_spec, recipe)
+    student_preprocessor = preprocessor if student_spec == checkpoint.input_spec else Preprocessor(student_spec, checkpoint.vocab_path)
 
     stage("load data")
     dataset = _resolve_dataset(settings.dataset, checkpoint.extra)
@@ -110,6 +112,7 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
         val_records, kind, max_pairs=settings.max_validation_pairs or recipe.get("validate", "max_pairs")
     )
     example_inputs = _example_inputs(preprocessor, val_records)
+    student_inputs = _example_inputs(student_preprocessor, val_records)
     logger.info("Validation: %d samples from split %r of %s", val_set.size, val_split, dataset)
 
     stage("measure the original model")
@@ -121,25 +124,32 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
 
     student = teacher
     records: dict[str, Any] = {"recipe": recipe.to_dict()}
+    if student_spec != checkpoint.input_spec:
+        records["input"] = _input_record(checkpoint.input_spec, student_spec)
     if recipe.get("prune", "enabled", True) and _has_prune_ratio(recipe):
         student, records["prune"], records["recover"] = _prune_and_recover(
-            teacher, recipe, example_inputs, train_records, preprocessor, stage
+            teacher, recipe, student_inputs, train_records, student_preprocessor, stage, preprocessor
         )
+    elif student_spec != checkpoint.input_spec and recipe.get("recover", "enabled", True):
+        records["prune"] = {"enabled": False}
+        student, records["recover"] = _recover_only(teacher, recipe, train_records, student_preprocessor, stage, preprocessor)
     else:
         records["prune"] = {"enabled": False}
         records["recover"] = {"enabled": False}
 
-    profile_after = profile_model(student, example_inputs)
+    profile_after = profile_model(student, student_inputs)
     records["size"] = _profile_record(profile_before, profile_after)
     if settings.keep_work is not None and student is not teacher:
-        _save_student(student, checkpoint, Path(settings.keep_work) / "pruned-checkpoint", records)
+        _save_student(student, checkpoint, student_spec, Path(settings.keep_work) / "pruned-checkpoint", records)
 
     stage("export the compressed model")
-    student_graphs = _export_graphs(student, work / "student", example_inputs, recipe)
+    student_graphs = _export_graphs(student, work / "student", student_inputs, recipe)
 
     stage("quantize")
     calibration_set = _calibration_set(settings, recipe, dataset)
-    final_graphs, records["quantization"] = _quantize_graphs(student_graphs, work / "quantized", recipe, calibration_set, checkpoint)
+    final_graphs, records["quantization"] = _quantize_graphs(
+        student_graphs, work / "quantized", recipe, calibration_set, student_spec, checkpoint.vocab_path
+    )
     if calibration_set is not None and recipe.get("quantize", "mode") == "int8-static":
         records["calibration"] = calibration_set.to_dict()
     records["export"] = {"opset": int(recipe.get("export", "opset", 18)), "exporter": recipe.get("export", "exporter", "dynamo")}
@@ -152,7 +162,7 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
     stage("validate")
     package_args = dict(
         architecture=architecture,
-        input_spec=checkpoint.input_spec,
+        input_spec=student_spec,
         vocab_path=checkpoint.vocab_path,
         labels=list(checkpoint.labels),
         opset=int(recipe.get("export", "opset", 18)),
@@ -169,7 +179,9 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
     validation.raise_if_failed(report)
 
     stage("measure latency")
-    latency = _latency_record(baseline_graphs, final_graphs, architecture, preprocessor, val_records, settings)
+    latency = _latency_record(
+        baseline_graphs, final_graphs, architecture, (preprocessor, student_preprocessor), val_records, settings
+    )
 
     stage("write package")
     validation_record = {
@@ -192,7 +204,7 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
     )
 
 
-def _save_student(student, checkpoint, folder: Path, records: dict[str, Any]) -> None:
+def _save_student(student, checkpoint, input_spec, folder: Path, records: dict[str, Any]) -> None:
     """Save the pruned and recovered model as an edgemm checkpoint (for --keep-work)."""
     from edgemm.models.checkpoint import save_checkpoint
 
@@ -200,10 +212,10 @@ def _save_student(student, checkpoint, folder: Path, records: dict[str, Any]) ->
         student,
         folder,
         labels=list(checkpoint.labels),
-        input_spec=checkpoint.input_spec,
+        input_spec=input_spec,
         vocab_path=checkpoint.vocab_path,
         history=checkpoint.history,
-        extra={**checkpoint.extra, "compression": {"prune": records["prune"], "recover": records["recover"]}},
+        extra={**checkpoint.extra, "compression": {key: records[key] for key in ("input", "prune", "recover") if key in records}},
         overwrite=True,
     )
     logger.info("Saved the pruned model as a checkpoint in %s", folder)
@@ -256,8 +268,67 @@ def _has_prune_ratio(recipe: Recipe) -> bool:
     return any(recipe.get("prune", key) is not None for key in ("ratio", "text_ratio", "image_ratio", "head_ratio"))
 
 
-def _prune_and_recover(teacher, recipe, example_inputs, train_records, preprocessor, stage):
-    """Prune (in `prune.iterative_steps` steps) and distil from the unpruned teacher after each step."""
+def student_input_spec(spec: Any, recipe: Recipe) -> Any:
+    """Return the input spec the compressed model is served with: `spec`, or a smaller image size.
+
+    `input.image_size` sets the crop edge; the resize edge keeps the original resize/crop ratio
+    (256/224 for an ImageNet-style spec), so the crop covers the same part of each photo.
+    """
+    import dataclasses
+
+    size = recipe.get("input", "image_size")
+    if size is None or int(size) == spec.image.crop:
+        return spec
+    size = int(size)
+    if size > spec.image.crop:
+        raise ConfigError(
+            f"input.image_size={size} is larger than the model's image size {spec.image.crop}.",
+            f"Use a size of at most {spec.image.crop}; a larger input only costs time.",
+        )
+    resize = max(size, round(size * spec.image.resize / spec.image.crop))
+    return dataclasses.replace(spec, image=dataclasses.replace(spec.image, crop=size, resize=resize))
+
+
+def _input_record(before: Any, after: Any) -> dict[str, Any]:
+    return {
+        "image_size_before": before.image.crop,
+        "image_size_after": after.image.crop,
+        "resize_before": before.image.resize,
+        "resize_after": after.image.resize,
+    }
+
+
+def _frozen_parts(prune_config: Any) -> tuple[str, ...]:
+    """Towers with no prune ratio keep their weights, so recovery leaves them frozen."""
+    return tuple(
+        part for part, key in (("text_tower", "text_ratio"), ("image_tower", "image_ratio"))
+        if prune_config is None or (prune_config.ratio is None and getattr(prune_config, key) is None)
+    )
+
+
+def _recover_only(teacher, recipe, train_records, preprocessor, stage, teacher_preprocessor):
+    """Distil an unpruned copy served at a smaller image size; both towers stay frozen."""
+    import copy
+
+    from edgemm.compression import recover as recovery
+
+    section = recipe.section("recover")
+    section.pop("enabled", None)
+    section["frozen_parts"] = _frozen_parts(None)
+    config = recovery.RecoverConfig.from_recipe(section)
+    stage("recover")
+    student = copy.deepcopy(teacher)
+    result = recovery.recover(student, teacher, train_records, preprocessor, config, teacher_preprocessor=teacher_preprocessor)
+    steps = [result.to_dict()] if result is not None else []
+    return student.eval(), {"enabled": True, "config": config.to_dict(), "steps": steps}
+
+
+def _prune_and_recover(teacher, recipe, example_inputs, train_records, preprocessor, stage, teacher_preprocessor=None):
+    """Prune (in `prune.iterative_steps` steps) and distil from the unpruned teacher after each step.
+
+    `preprocessor` prepares the student's inputs; `teacher_preprocessor` the teacher's, when the
+    student is served at a smaller image size.
+    """
     from edgemm.compression import recover as recovery
     from edgemm.compression.prune import PruneConfig, prune_model
 
@@ -282,15 +353,12 @@ def _prune_and_recover(teacher, recipe, example_inputs, train_records, preproces
         return result.model.eval(), {"enabled": True, **result.to_dict()}, {"enabled": False}
 
     recover_section = recipe.section("recover")
-    # A tower with no prune ratio keeps its weights, so recovery leaves it frozen.
-    recover_section["frozen_parts"] = tuple(
-        part for part, key in (("text_tower", "text_ratio"), ("image_tower", "image_ratio"))
-        if prune_config.ratio is None and getattr(prune_config, key) is None
-    )
+    recover_section["frozen_parts"] = _frozen_parts(prune_config)
     recover_config = recovery.RecoverConfig.from_recipe(recover_section)
     stage(f"prune and recover ({prune_config.iterative_steps} step(s))")
     result = recovery.prune_and_recover(
-        teacher, prune_config, recover_config, example_inputs, train_records, preprocessor, calibration_batches
+        teacher, prune_config, recover_config, example_inputs, train_records, preprocessor, calibration_batches,
+        teacher_preprocessor=teacher_preprocessor,
     )
     recover_record = {"enabled": True, "config": recover_config.to_dict()}
     recover_record["steps"] = [step.to_dict() for step in result.recoveries]
@@ -328,7 +396,7 @@ def _calibration_set(settings: CompressSettings, recipe: Recipe, dataset: Path):
     return CalibrationSet(source="dataset", path=dataset, split="train", size=128, selection="random", seed=0)
 
 
-def _quantize_graphs(graphs, folder: Path, recipe: Recipe, calibration_set, checkpoint):
+def _quantize_graphs(graphs, folder: Path, recipe: Recipe, calibration_set, input_spec, vocab_path):
     from edgemm.compression.calibration import EdgemmCalibrationReader, graph_input_names
     from edgemm.compression.quantize import QuantizeConfig, quantize_model
 
@@ -344,7 +412,7 @@ def _quantize_graphs(graphs, folder: Path, recipe: Recipe, calibration_set, chec
         reader = None
         if calibration_set is not None:
             reader = EdgemmCalibrationReader.from_spec(
-                calibration_set, graph_input_names(path), checkpoint.input_spec, checkpoint.vocab_path
+                calibration_set, graph_input_names(path), input_spec, vocab_path
             )
         target = folder / path.name
         results[graph] = quantize_model(path, target, config, reader).to_dict()
@@ -415,15 +483,21 @@ def _graph_feeds(path: Path, preprocessor, records: list[Record]) -> dict[str, n
     return {name: feed[name] for name in graph_input_names(path)}
 
 
-def _latency_record(baseline_graphs, final_graphs, architecture, preprocessor, records, settings) -> dict[str, Any]:
-    """p50 latency (ms) of one inference at batch 1 for the FP32 original and the package, graph by graph."""
+def _latency_record(baseline_graphs, final_graphs, architecture, preprocessors, records, settings) -> dict[str, Any]:
+    """p50 latency (ms) of one inference at batch 1 for the FP32 original and the package, graph by graph.
+
+    `preprocessors` holds the original's and the package's preprocessing, which differ when the
+    package is served at a smaller image size.
+    """
+    original, compressed = preprocessors
     from edgemm.compression.quantize import measure_latency
 
     result: dict[str, Any] = {"threads": settings.latency_threads, "batch_size": 1, "runs": settings.latency_runs, "graphs": {}}
     total_before = total_after = 0.0
     for graph in RUNTIME_GRAPHS[architecture]:
-        feeds = _graph_feeds(baseline_graphs[graph], preprocessor, records)
+        feeds = _graph_feeds(baseline_graphs[graph], original, records)
         before = measure_latency(baseline_graphs[graph], feeds, threads=settings.latency_threads, runs=settings.latency_runs)
+        feeds = _graph_feeds(final_graphs[graph], compressed, records)
         after = measure_latency(final_graphs[graph], feeds, threads=settings.latency_threads, runs=settings.latency_runs)
         result["graphs"][graph] = {"p50_ms_before": before, "p50_ms_after": after}
         total_before += before

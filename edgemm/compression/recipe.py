@@ -58,6 +58,8 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
         "pre_process": (bool,),
         "accuracy_fallback": (bool,),
         "reduce_range": (bool,),
+        "activation_type": (str,),
+        "weight_type": (str,),
     },
     "export": {
         "opset": (int,),
@@ -73,13 +75,19 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "calibration": {
         "definition": (str,),
     },
+    "input": {
+        "image_size": (int,),
+    },
 }
 
 QUANTIZE_MODES = ("none", "int8-static", "int8-dynamic", "fp16")
+QUANT_TYPES = ("int8", "uint8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 IMPORTANCE_KINDS = ("magnitude", "taylor")
 EXPORTERS = ("dynamo", "torchscript")
 PAIRINGS = ("matrix", "pairs")
+# The image towers downsample by 32, so a smaller crop leaves no feature map.
+MIN_IMAGE_SIZE = 32
 
 
 @dataclass
@@ -186,6 +194,12 @@ def _check_values(recipe: Recipe) -> None:
                 f"Invalid prune ratio prune.{key}={value}: it must lie strictly between 0 and 1.",
                 "Use e.g. 0.3 to remove 30 % of the channels, or set prune.enabled = false to skip pruning.",
             )
+    size = recipe.get("input", "image_size")
+    if size is not None and size < MIN_IMAGE_SIZE:
+        raise ConfigError(
+            f"Invalid input.image_size={size}: it must be at least {MIN_IMAGE_SIZE} pixels.",
+            "Use the crop edge the compressed model should see, e.g. 192 for a model trained at 224.",
+        )
     checks = [
         ("quantize", "mode", QUANTIZE_MODES),
         ("quantize", "text_mode", QUANTIZE_MODES),
@@ -193,6 +207,8 @@ def _check_values(recipe: Recipe) -> None:
         ("quantize", "calibration_method", CALIBRATION_METHODS),
         ("prune", "importance", IMPORTANCE_KINDS),
         ("recover", "pairing", PAIRINGS),
+        ("quantize", "activation_type", QUANT_TYPES),
+        ("quantize", "weight_type", QUANT_TYPES),
     ]
     for section, key, choices in checks:
         value = recipe.get(section, key)

@@ -404,9 +404,49 @@ class _CachedPairs(torch.utils.data.Dataset):
         return self.items[index]
 
 
+class _TeacherPixels(torch.utils.data.Dataset):
+    """Items of a student PairDataset with the teacher's own `teacher_pixel_values` added.
+
+    Used when the student runs at a smaller image size than the teacher (recipe
+    `input.image_size`): the teacher keeps seeing the images as it was trained on them.
+    """
+
+    def __init__(self, student, teacher_preprocessor: Any):
+        from edgemm.data.torch_data import PairDataset
+
+        self.student = student
+        self.teacher = PairDataset(student.records, teacher_preprocessor)
+        self.preprocessor = student.preprocessor
+        self.collate = student.collate
+
+    def __len__(self) -> int:
+        return len(self.student)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = dict(self.student[index])
+        item["teacher_pixel_values"] = self.teacher[index]["pixel_values"]
+        return item
+
+
+def _pair_dataset(records: Sequence[Record], preprocessor: Any, teacher_preprocessor: Any | None):
+    from edgemm.data.torch_data import PairDataset
+
+    dataset = PairDataset(records, preprocessor)
+    if teacher_preprocessor is None or teacher_preprocessor.spec.image == preprocessor.spec.image:
+        return dataset
+    return _TeacherPixels(dataset, teacher_preprocessor)
+
+
+def _teacher_inputs(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    pixels = batch.get("teacher_pixel_values", batch["pixel_values"])
+    return batch["input_ids"], batch["attention_mask"], pixels
+
+
 def _maybe_cached(dataset):
     crop = dataset.preprocessor.spec.image.crop
     size = len(dataset) * 3 * crop * crop * 4
+    if isinstance(dataset, _TeacherPixels):
+        size += len(dataset) * 3 * dataset.teacher.preprocessor.spec.image.crop ** 2 * 4
     return _CachedPairs(dataset) if size <= CACHE_LIMIT_BYTES else dataset
 
 
@@ -467,7 +507,7 @@ def measure(
     correct = total = 0
     for batch in batches:
         inputs = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
-        student_out, teacher_out = student_step(*inputs), teacher_step(*inputs)
+        student_out, teacher_out = student_step(*inputs), teacher_step(*_teacher_inputs(batch))
         losses = _matrix_losses(student_out, teacher_out, batch, config) if matrix else _losses(student_out, teacher_out, batch, config, dual)
         for name, value in losses.items():
             sums[name] += float(value)
@@ -488,18 +528,23 @@ def recover(
     preprocessor: Any,
     config: RecoverConfig,
     progress: ProgressCallback | None = None,
+    teacher_preprocessor: Any | None = None,
 ) -> RecoverResult | None:
     """Train `student` in place to match `teacher` on `dataset_records` and return the result.
 
     `dataset_records` are captions (pairs are built from them) or labelled pairs;
-    `preprocessor` is the `edgemm.runtime.preprocess.Preprocessor` of the model's input spec.
+    `preprocessor` is the `edgemm.runtime.preprocess.Preprocessor` of the student's input spec.
+    `teacher_preprocessor` is the teacher's, when it differs (a student served at a smaller
+    image size); by default the teacher sees the student's inputs.
     `progress("recover", step, total_steps)` is called after every optimizer step on rank 0.
     Under torchrun, returns the result on rank 0 and None on the other ranks.
     """
     config.validate()
     context = init_distributed()
     try:
-        result = _recover(student, teacher, dataset_records, preprocessor, config, progress if context.is_main else None, context)
+        result = _recover(
+            student, teacher, dataset_records, preprocessor, config, progress if context.is_main else None, context, teacher_preprocessor
+        )
     finally:
         context.close()
     return result if context.is_main else None
@@ -513,9 +558,8 @@ def _recover(
     config: RecoverConfig,
     progress: ProgressCallback | None,
     context: DistributedContext,
+    teacher_preprocessor: Any | None = None,
 ) -> RecoverResult:
-    from edgemm.data.torch_data import PairDataset
-
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     dual = is_dual_encoder(student)
@@ -532,8 +576,8 @@ def _recover(
             parameter.requires_grad_(False)
 
     records = _prepare_records(student, dataset_records, config)
-    dataset = _maybe_cached(PairDataset(records, preprocessor))
-    eval_dataset = PairDataset(records[: config.eval_pairs], preprocessor)
+    dataset = _maybe_cached(_pair_dataset(records, preprocessor, teacher_preprocessor))
+    eval_dataset = _pair_dataset(records[: config.eval_pairs], preprocessor, teacher_preprocessor)
     eval_batches = [
         eval_dataset.collate([eval_dataset[index] for index in range(start, min(start + config.batch_size, len(eval_dataset)))])
         for start in range(0, len(eval_dataset), config.batch_size)
@@ -570,7 +614,7 @@ def _recover(
         for batch in _batches(dataset, config, context, epoch, drop_last=dual or matrix):
             inputs = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
             with torch.no_grad():
-                teacher_out = teacher_step(*inputs)
+                teacher_out = teacher_step(*_teacher_inputs(batch))
             if matrix:
                 losses = _matrix_losses(step_module(*inputs), teacher_out, batch, config)
             else:
@@ -637,6 +681,7 @@ def prune_and_recover(
     preprocessor: Any,
     calibration_batches: Sequence[Mapping[str, Any]] | None = None,
     progress: ProgressCallback | None = None,
+    teacher_preprocessor: Any | None = None,
 ) -> PruneRecoverResult | None:
     """Prune a copy of `model` in `prune_config.iterative_steps` small steps, distilling after each.
 
@@ -665,7 +710,7 @@ def prune_and_recover(
             session.step(calibration_batches)
             if progress is not None and context.is_main:
                 progress("prune", index + 1, prune_config.iterative_steps)
-            result = recover(student, teacher, dataset_records, preprocessor, recover_config, progress)
+            result = recover(student, teacher, dataset_records, preprocessor, recover_config, progress, teacher_preprocessor)
             if result is not None:
                 recoveries.append(result)
     finally:

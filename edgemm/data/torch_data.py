@@ -80,7 +80,8 @@ def collate(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int = 0) -> 
     """Stack `PairDataset` items into a batch; texts are right-padded to the longest in the batch.
 
     Returns `input_ids` and `attention_mask` (int64 [B, L]), `pixel_values` (float32
-    [B, 3, H, W]) and `label` (int64 [B]). Padding positions get `pad_token_id` and mask 0.
+    [B, 3, H, W]) and `label` (int64 [B]), plus `teacher_pixel_values` when the items have them
+    (recovery at a smaller image size). Padding positions get `pad_token_id` and mask 0.
     """
     if not items:
         raise DataError("Cannot collate an empty batch.", "Use a batch size of at least 1.")
@@ -91,9 +92,12 @@ def collate(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int = 0) -> 
         size = item["input_ids"].shape[0]
         input_ids[row, :size] = item["input_ids"]
         attention_mask[row, :size] = item["attention_mask"]
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "pixel_values": torch.stack([item["pixel_values"] for item in items]),
         "label": torch.stack([item["label"] for item in items]),
     }
+    if "teacher_pixel_values" in items[0]:
+        batch["teacher_pixel_values"] = torch.stack([item["teacher_pixel_values"] for item in items])
+    return batch
