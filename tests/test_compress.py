@@ -378,3 +378,20 @@ def test_recipe_quantization_types():
     assert recipe.get("quantize", "activation_type") == "uint8"
     with pytest.raises(ConfigError, match="quantize.activation_type='int4'"):
         load_recipe(None, {"quantize.activation_type": "int4"})
+
+
+def test_cli_image_size_option(scenes, checkpoints, tmp_path):
+    out = tmp_path / "pkg"
+    args = ["compress", str(checkpoints["concat_fusion"]), "--dataset", str(scenes), "--no-prune", "--quantize", "none"]
+    result = CliRunner().invoke(app, [*args, "--image-size", "48", "--max-accuracy-drop", "100", "--out", str(out)])
+
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"]["image"]["crop"] == 48
+    # --no-prune skips recovery as well, even when the image size changes.
+    assert manifest["compression"]["recover"] == {"enabled": False}
+
+    too_large = CliRunner().invoke(app, [*args, "--image-size", "65", "--out", str(tmp_path / "other")])
+    assert too_large.exit_code != 0
+    assert "input.image_size=65" in too_large.output
+    assert "Traceback" not in too_large.output
