@@ -340,3 +340,36 @@ def test_recover_rejects_unknown_frozen_part(scenes):
 
     with pytest.raises(ConfigError, match="frozen_parts"):
         recover(copy.deepcopy(teacher), teacher, scenes, preprocessor, RecoverConfig(steps=1, frozen_parts=("vision",)))
+
+
+@pytest.mark.parametrize("architecture", ("concat_fusion", "cross_attention"))
+@pytest.mark.parametrize("teacher_size", (None, 40))
+def test_cached_frozen_image_features_train_like_uncached(scenes, monkeypatch, architecture, teacher_size):
+    """Features of a frozen image tower are computed once; training must not notice."""
+    from edgemm.compression import recover as recovery
+
+    teacher = confident_fusion_teacher(architecture)
+    preprocessor = small_preprocessor(teacher)
+    teacher_preprocessor = None
+    if teacher_size is not None:
+        spec = preprocessor.spec
+        teacher_preprocessor = Preprocessor(replace(spec, image=replace(spec.image, resize=45, crop=teacher_size)), default_vocab_path(teacher))
+    pruned = prune_model(teacher, PruneConfig(text_ratio=0.5), example_inputs(preprocessor, scenes)).model
+    config = RecoverConfig(steps=6, lr=1e-3, batch_size=8, frozen_parts=("image_tower",), pairing="matrix")
+    calls = []
+    original = recovery._cache_frozen_image_features
+    monkeypatch.setattr(recovery, "_cache_frozen_image_features", lambda *args: calls.append(original(*args)) or calls[-1])
+
+    cached = copy.deepcopy(pruned)
+    cached_result = recover(cached, teacher, scenes, preprocessor, config, teacher_preprocessor=teacher_preprocessor)
+    assert calls == [True]
+    # Without the in-memory item cache, every step runs both image towers again.
+    monkeypatch.setattr(recovery, "CACHE_LIMIT_BYTES", 0)
+    plain = copy.deepcopy(pruned)
+    plain_result = recover(plain, teacher, scenes, preprocessor, config, teacher_preprocessor=teacher_preprocessor)
+    assert calls == [True]
+
+    losses = [entry["loss"] for entry in cached_result.history]
+    assert losses == pytest.approx([entry["loss"] for entry in plain_result.history], rel=1e-4)
+    for (name, value), other in zip(cached.state_dict().items(), plain.state_dict().values()):
+        assert torch.allclose(value, other, atol=1e-5), name

@@ -181,16 +181,18 @@ class _StudentStep(nn.Module):
     """One forward pass of a model through its three steps, so DDP can wrap it as one module.
 
     Returns the model output, the pooled text and image features and, for a dual encoder,
-    exp(logit_scale), so every gradient flows through the wrapped module.
+    exp(logit_scale), so every gradient flows through the wrapped module. `image_feats`, when
+    given, are the precomputed features of a frozen image tower.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, image_feats=None):
         text_feats = self.model.text_features(input_ids, attention_mask)
-        image_feats = self.model.image_features(pixel_values)
+        if image_feats is None:
+            image_feats = self.model.image_features(pixel_values)
         output = self.model.head(text_feats, attention_mask, image_feats)
         pooled_text = _pool_text(text_feats, attention_mask)
         pooled_image = _pool_image(image_feats)
@@ -262,9 +264,10 @@ class _MatrixStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, image_feats=None):
         text_feats = self.model.text_features(input_ids, attention_mask)
-        image_feats = self.model.image_features(pixel_values)
+        if image_feats is None:
+            image_feats = self.model.image_features(pixel_values)
         size = input_ids.shape[0]
         text_index = torch.arange(size).repeat_interleave(size)
         image_index = torch.arange(size).repeat(size)
@@ -442,6 +445,41 @@ def _teacher_inputs(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, to
     return batch["input_ids"], batch["attention_mask"], pixels
 
 
+@torch.no_grad()
+def _cache_frozen_image_features(dataset: _CachedPairs, student: nn.Module, teacher: nn.Module, batch_size: int) -> bool:
+    """Store each item's image features from the frozen image towers; return False when too large.
+
+    A frozen image tower in eval mode gives the same features for an image every epoch, so
+    they are computed once instead of twice per step (student and teacher). When the student
+    sees the teacher's pixels and its image tower has the teacher's weights, one pass serves both.
+    """
+    items = dataset.items
+    student.image_tower.eval()
+    first = student.image_features(items[0]["pixel_values"][None])
+    per_item = first[0].numel() * first.element_size()
+    separate = "teacher_pixel_values" in items[0] or not _same_weights(student.image_tower, teacher.image_tower)
+    if per_item * len(items) * (2 if separate else 1) > CACHE_LIMIT_BYTES:
+        return False
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        pixels = torch.stack([item["pixel_values"] for item in chunk])
+        features = student.image_features(pixels)
+        if separate:
+            teacher_pixels = torch.stack([item.get("teacher_pixel_values", item["pixel_values"]) for item in chunk])
+            teacher_features = teacher.image_features(teacher_pixels)
+        else:
+            teacher_features = features
+        for item, own, reference in zip(chunk, features, teacher_features):
+            item["image_features"] = own.clone()
+            item["teacher_image_features"] = reference.clone()
+    return True
+
+
+def _same_weights(first: nn.Module, second: nn.Module) -> bool:
+    a, b = first.state_dict(), second.state_dict()
+    return a.keys() == b.keys() and all(a[key].shape == b[key].shape and torch.equal(a[key], b[key]) for key in a)
+
+
 def _maybe_cached(dataset):
     crop = dataset.preprocessor.spec.image.crop
     size = len(dataset) * 3 * crop * crop * 4
@@ -577,6 +615,9 @@ def _recover(
 
     records = _prepare_records(student, dataset_records, config)
     dataset = _maybe_cached(_pair_dataset(records, preprocessor, teacher_preprocessor))
+    if "image_tower" in config.frozen_parts and isinstance(dataset, _CachedPairs):
+        cached = _cache_frozen_image_features(dataset, student, teacher, config.batch_size)
+        logger.info("Frozen image tower: features %s", "computed once per image" if cached else "too large to cache")
     eval_dataset = _pair_dataset(records[: config.eval_pairs], preprocessor, teacher_preprocessor)
     eval_batches = [
         eval_dataset.collate([eval_dataset[index] for index in range(start, min(start + config.batch_size, len(eval_dataset)))])
@@ -612,9 +653,9 @@ def _recover(
         _train_mode(student, config.freeze_batchnorm, config.frozen_parts)
         running = {"loss": 0.0, "batches": 0}
         for batch in _batches(dataset, config, context, epoch, drop_last=dual or matrix):
-            inputs = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+            inputs = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch.get("image_features"))
             with torch.no_grad():
-                teacher_out = teacher_step(*_teacher_inputs(batch))
+                teacher_out = teacher_step(*_teacher_inputs(batch), batch.get("teacher_image_features"))
             if matrix:
                 losses = _matrix_losses(step_module(*inputs), teacher_out, batch, config)
             else:

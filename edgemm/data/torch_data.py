@@ -80,8 +80,9 @@ def collate(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int = 0) -> 
     """Stack `PairDataset` items into a batch; texts are right-padded to the longest in the batch.
 
     Returns `input_ids` and `attention_mask` (int64 [B, L]), `pixel_values` (float32
-    [B, 3, H, W]) and `label` (int64 [B]), plus `teacher_pixel_values` when the items have them
-    (recovery at a smaller image size). Padding positions get `pad_token_id` and mask 0.
+    [B, 3, H, W]) and `label` (int64 [B]). Any other tensor the items hold is stacked under its
+    own key (recovery adds the teacher's pixels and cached features). Padding positions get
+    `pad_token_id` and mask 0.
     """
     if not items:
         raise DataError("Cannot collate an empty batch.", "Use a batch size of at least 1.")
@@ -98,6 +99,8 @@ def collate(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int = 0) -> 
         "pixel_values": torch.stack([item["pixel_values"] for item in items]),
         "label": torch.stack([item["label"] for item in items]),
     }
-    if "teacher_pixel_values" in items[0]:
-        batch["teacher_pixel_values"] = torch.stack([item["teacher_pixel_values"] for item in items])
+    # Extra tensors that recovery adds to the items (the teacher's pixels, cached features).
+    for key in items[0]:
+        if key not in batch:
+            batch[key] = torch.stack([item[key] for item in items])
     return batch
