@@ -373,3 +373,15 @@ def test_cached_frozen_image_features_train_like_uncached(scenes, monkeypatch, a
     assert losses == pytest.approx([entry["loss"] for entry in plain_result.history], rel=1e-4)
     for (name, value), other in zip(cached.state_dict().items(), plain.state_dict().values()):
         assert torch.allclose(value, other, atol=1e-5), name
+
+
+def test_dual_encoder_matrix_pairing_takes_one_caption_per_image():
+    from edgemm.compression.recover import _prepare_records
+    from edgemm.data.records import Record
+
+    records = [Record(image=f"img{index % 3}.png", text=f"caption {index}", split="train") for index in range(9)]
+    dual = create_model("dual_encoder", pretrained=False)
+
+    chosen = _prepare_records(dual, records, RecoverConfig(pairing="matrix"))
+    assert sorted(record.image for record in chosen) == ["img0.png", "img1.png", "img2.png"]
+    assert len(_prepare_records(dual, records, RecoverConfig(pairing="pairs"))) == 9
