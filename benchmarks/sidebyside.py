@@ -560,15 +560,28 @@ class ModelSuite:
                 break
         return chosen
 
-    def _latency_feeds(self) -> dict[str, list[dict[str, np.ndarray]]]:
+    def _latency_feeds(self, preprocessor: Any = None) -> dict[str, list[dict[str, np.ndarray]]]:
         """Batch-1 feeds of real validation inputs, preprocessed once, shared by every row."""
+        preprocessor = preprocessor or self.preprocessor
         records = self._latency_records()
         if self.kind == FUSION:
-            return {"pair": [self.preprocessor([r.text], [r.image]) for r in records]}
+            return {"pair": [preprocessor([r.text], [r.image]) for r in records]}
         return {
-            "text": [self.preprocessor.texts([r.text]) for r in records],
-            "image": [self.preprocessor.images([r.image]) for r in records],
+            "text": [preprocessor.texts([r.text]) for r in records],
+            "image": [preprocessor.images([r.image]) for r in records],
         }
+
+    def _package_feeds(self, package: Path, row: Row) -> dict[str, list[dict[str, np.ndarray]]]:
+        """The shared latency feeds, or the same records preprocessed with the package's own
+        input spec when it differs (a package served at a smaller image size)."""
+        from edgemm.runtime.manifest import read_manifest
+        from edgemm.runtime.preprocess import Preprocessor
+
+        manifest = read_manifest(package, verify_checksums=False)
+        if manifest.input_spec == self.checkpoint.input_spec:
+            return self.latency_feeds
+        row.build["image_size"] = manifest.input_spec.image.crop
+        return self._latency_feeds(Preprocessor(manifest.input_spec, manifest.vocab_path))
 
     def _calibration_feeds(self, train_records: list[Any]) -> dict[str, list[dict[str, np.ndarray]]]:
         """Batch-1 feeds of the samples edgemm calibrates on by default (128 random train records, seed 0)."""
@@ -661,7 +674,7 @@ class ModelSuite:
             recipe = json.loads((package / "manifest.json").read_text(encoding="utf-8")).get("compression", {}).get("recipe")
             if recipe:
                 row.build["recipe"] = recipe  # The recipe as compress read it, so a row from a file outside the repository can be rebuilt.
-            row.runner = OrtRunner(package, self.kind, self.latency_feeds)
+            row.runner = OrtRunner(package, self.kind, self._package_feeds(package, row))
         except Exception as error:  # A package that fails to load is recorded on its row.
             row.fail("failed", f"{package} does not load in onnxruntime: {type(error).__name__}: {error}")
 

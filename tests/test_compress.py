@@ -362,10 +362,13 @@ def test_image_size_with_pruning_distils_from_full_size_teacher(base_recipe, sce
     assert manifest["validation"]["passed"] is True
 
 
-def test_image_size_larger_than_model_fails(base_recipe, scenes, checkpoints, tmp_path):
-    with pytest.raises(ConfigError, match="input.image_size=96 is larger"):
-        run(base_recipe, checkpoints["concat_fusion"], tmp_path / "pkg", scenes, **{"input.image_size": 96})
-    assert not (tmp_path / "pkg").exists()
+def test_image_size_larger_than_model_keeps_model_size(base_recipe, scenes, checkpoints, tmp_path):
+    out = tmp_path / "pkg"
+    run(base_recipe, checkpoints["concat_fusion"], out, scenes, **{"prune.enabled": False, "input.image_size": 192})
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"]["image"]["crop"] == 64
+    assert "input" not in manifest["compression"]
 
 
 def test_image_size_below_minimum_is_rejected():
@@ -391,7 +394,8 @@ def test_cli_image_size_option(scenes, checkpoints, tmp_path):
     # --no-prune skips recovery as well, even when the image size changes.
     assert manifest["compression"]["recover"] == {"enabled": False}
 
-    too_large = CliRunner().invoke(app, [*args, "--image-size", "65", "--out", str(tmp_path / "other")])
-    assert too_large.exit_code != 0
-    assert "input.image_size=65" in too_large.output
-    assert "Traceback" not in too_large.output
+    too_small = CliRunner().invoke(app, [*args, "--image-size", "16", "--out", str(tmp_path / "other")])
+    assert too_small.exit_code != 0
+    assert "input.image_size=16" in too_small.output
+    assert "Traceback" not in too_small.output
+    assert not (tmp_path / "other").exists()

@@ -271,20 +271,19 @@ def _has_prune_ratio(recipe: Recipe) -> bool:
 def student_input_spec(spec: Any, recipe: Recipe) -> Any:
     """Return the input spec the compressed model is served with: `spec`, or a smaller image size.
 
-    `input.image_size` sets the crop edge; the resize edge keeps the original resize/crop ratio
-    (256/224 for an ImageNet-style spec), so the crop covers the same part of each photo.
+    `input.image_size` is the largest crop edge to serve, so one recipe fits models trained at
+    different sizes: a model trained at that size or smaller keeps its own. The resize edge keeps
+    the original resize/crop ratio (256/224 for an ImageNet-style spec), so the crop covers the
+    same part of each photo.
     """
     import dataclasses
 
     size = recipe.get("input", "image_size")
-    if size is None or int(size) == spec.image.crop:
+    if size is None or int(size) >= spec.image.crop:
+        if size is not None and int(size) > spec.image.crop:
+            logger.info("input.image_size=%s: the model was trained at %d pixels and keeps that size", size, spec.image.crop)
         return spec
     size = int(size)
-    if size > spec.image.crop:
-        raise ConfigError(
-            f"input.image_size={size} is larger than the model's image size {spec.image.crop}.",
-            f"Use a size of at most {spec.image.crop}; a larger input only costs time.",
-        )
     resize = max(size, round(size * spec.image.resize / spec.image.crop))
     return dataclasses.replace(spec, image=dataclasses.replace(spec.image, crop=size, resize=resize))
 
