@@ -627,6 +627,8 @@ class ModelSuite:
             row = Row(f"edgemm-{recipe.stem}", "edgemm", f"edgemm compress --recipe {recipe.name}")
             out = self.work / f"edgemm-{recipe.stem}"
             command = [*tool, "compress", checkpoint, "--recipe", str(recipe), "--dataset", str(settings.dataset), "--out", str(out)]
+            # Recipes with the same prune, recover and input settings share one recovery.
+            command += ["--recovery-cache", str(self.work / "recovered")]
             if not self._add(row):
                 continue
             package = build_package(row, command, out, self.work / "logs" / f"edgemm-{recipe.stem}.log", settings.build_timeout, settings.rebuild)

@@ -399,3 +399,25 @@ def test_cli_image_size_option(scenes, checkpoints, tmp_path):
     assert "input.image_size=16" in too_small.output
     assert "Traceback" not in too_small.output
     assert not (tmp_path / "other").exists()
+
+
+def test_recovery_cache_reuses_the_recovered_model(base_recipe, scenes, checkpoints, tmp_path):
+    cache = tmp_path / "recovered"
+    settings = {"prune.ratio": 0.3, "recover.steps": 3}
+    first = run_cached(base_recipe, checkpoints["concat_fusion"], tmp_path / "a", scenes, cache, **settings, **{"quantize.mode": "int8-dynamic"})
+    assert len(list(cache.iterdir())) == 1
+    assert "reused_from" not in first.manifest["compression"]["recover"]
+
+    # Another quantization mode needs no new recovery.
+    second = run_cached(base_recipe, checkpoints["concat_fusion"], tmp_path / "b", scenes, cache, **settings, **{"quantize.mode": "fp16"})
+    assert second.manifest["compression"]["recover"]["reused_from"] == str(next(cache.iterdir()))
+    assert second.manifest["compression"]["size"] == first.manifest["compression"]["size"]
+
+    # Another prune ratio does.
+    run_cached(base_recipe, checkpoints["concat_fusion"], tmp_path / "c", scenes, cache, **{**settings, "prune.ratio": 0.5})
+    assert len(list(cache.iterdir())) == 2
+
+
+def run_cached(base_recipe: Path, checkpoint: Path, out: Path, dataset: Path, cache: Path, **overrides):
+    recipe = load_recipe(base_recipe, {**FAST, **overrides})
+    return compress(CompressSettings(checkpoint=checkpoint, out=out, recipe=recipe, dataset=dataset, latency_runs=3, recovery_cache=cache))

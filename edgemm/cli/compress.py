@@ -44,6 +44,9 @@ def compress_command(
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset of the exported graphs (default 18)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     keep_work: Optional[Path] = typer.Option(None, "--keep-work", help="Keep intermediate files (pruned checkpoint, FP32 graphs) in this folder."),
+    recovery_cache: Optional[Path] = typer.Option(
+        None, "--recovery-cache", help="Store pruned and recovered models here, and reuse one when checkpoint, data and the prune, recover and input settings match."
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary and validation results to this JSON file."),
 ) -> None:
     from edgemm.compression.recipe import load_recipe
@@ -70,13 +73,14 @@ def compress_command(
         run_demo(loaded, out or DEMO_DIR / "package", calibration, json_out)
         return
 
-    result = run_compress(checkpoint, loaded, out or checkpoint.with_name(checkpoint.name + "-compressed"), dataset, calibration, overwrite, keep_work)
+    out = out or checkpoint.with_name(checkpoint.name + "-compressed")
+    result = run_compress(checkpoint, loaded, out, dataset, calibration, overwrite, keep_work, recovery_cache)
     print_summary(result)
     if json_out is not None:
         write_json(json_out, {"package": str(result.package), "summary": result.summary, "validation": result.validation})
 
 
-def run_compress(checkpoint, recipe, out, dataset, calibration, overwrite, keep_work):
+def run_compress(checkpoint, recipe, out, dataset, calibration, overwrite, keep_work, recovery_cache=None):
     """Run the pipeline with a progress display of its stages."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -90,6 +94,7 @@ def run_compress(checkpoint, recipe, out, dataset, calibration, overwrite, keep_
         calibration=calibration,
         overwrite=overwrite,
         keep_work=keep_work,
+        recovery_cache=recovery_cache,
     )
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=False) as progress:
         current = {"task": None}

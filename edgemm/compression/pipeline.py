@@ -49,6 +49,9 @@ class CompressSettings:
     calibration: Path | None = None
     overwrite: bool = False
     keep_work: Path | None = None
+    # Folder of pruned and recovered models, one per set of inputs that makes them (see
+    # `recovery_key`). A run whose inputs match a stored model loads it instead of recovering.
+    recovery_cache: Path | None = None
     latency_threads: int = 1
     latency_runs: int = 30
     max_validation_pairs: int | None = None
@@ -126,7 +129,14 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
     records: dict[str, Any] = {"recipe": recipe.to_dict()}
     if student_spec != checkpoint.input_spec:
         records["input"] = _input_record(checkpoint.input_spec, student_spec)
-    if recipe.get("prune", "enabled", True) and _has_prune_ratio(recipe):
+    cached = _cached_student(settings, recipe, dataset, train_records)
+    if cached is not None:
+        stage(f"load the recovered model from {cached.folder}")
+        student = cached.model.eval()
+        for key in ("prune", "recover"):
+            records[key] = cached.extra["compression"][key]
+        records["recover"]["reused_from"] = str(cached.folder)
+    elif recipe.get("prune", "enabled", True) and _has_prune_ratio(recipe):
         student, records["prune"], records["recover"] = _prune_and_recover(
             teacher, recipe, student_inputs, train_records, student_preprocessor, stage, preprocessor
         )
@@ -141,6 +151,9 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
     records["size"] = _profile_record(profile_before, profile_after)
     if settings.keep_work is not None and student is not teacher:
         _save_student(student, checkpoint, student_spec, Path(settings.keep_work) / "pruned-checkpoint", records)
+    if settings.recovery_cache is not None and student is not teacher and cached is None:
+        folder = Path(settings.recovery_cache) / recovery_key(settings, recipe, dataset, train_records)
+        _save_student(student, checkpoint, student_spec, folder, records)
 
     stage("export the compressed model")
     student_graphs = _export_graphs(student, work / "student", student_inputs, recipe)
@@ -202,6 +215,44 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
         validation=validation_record,
         seconds=time.perf_counter() - started,
     )
+
+
+def recovery_key(settings: CompressSettings, recipe: Recipe, dataset: Path, train_records: list[Record]) -> str:
+    """Return a digest of everything the pruned and recovered model depends on.
+
+    That is the checkpoint's config and weights, the training records, the recipe's
+    [input], [prune] and [recover] sections and the edgemm version. Quantization, export and
+    validation settings are left out: changing them needs no new recovery.
+    """
+    import hashlib
+
+    from edgemm import __version__
+
+    digest = hashlib.sha256()
+    folder = Path(settings.checkpoint)
+    for name in ("config.json", "model.safetensors"):
+        with open(folder / name, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    sections = {name: recipe.section(name) for name in ("input", "prune", "recover")}
+    inputs = [[str(record.image), record.text, record.label] for record in train_records]
+    digest.update(json.dumps([__version__, sections, inputs], sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def _cached_student(settings: CompressSettings, recipe: Recipe, dataset: Path, train_records: list[Record]):
+    """Load the recovered model stored for these inputs in `settings.recovery_cache`, if any."""
+    from edgemm.models.checkpoint import load_checkpoint
+
+    if settings.recovery_cache is None or not (recipe.get("prune", "enabled", True) and _has_prune_ratio(recipe)):
+        return None
+    folder = Path(settings.recovery_cache) / recovery_key(settings, recipe, dataset, train_records)
+    if not (folder / "config.json").is_file():
+        return None
+    logger.info("Reusing the pruned and recovered model in %s", folder)
+    cached = load_checkpoint(folder)
+    cached.folder = folder
+    return cached
 
 
 def _save_student(student, checkpoint, input_spec, folder: Path, records: dict[str, Any]) -> None:
