@@ -421,3 +421,52 @@ def test_recovery_cache_reuses_the_recovered_model(base_recipe, scenes, checkpoi
 def run_cached(base_recipe: Path, checkpoint: Path, out: Path, dataset: Path, cache: Path, **overrides):
     recipe = load_recipe(base_recipe, {**FAST, **overrides})
     return compress(CompressSettings(checkpoint=checkpoint, out=out, recipe=recipe, dataset=dataset, latency_runs=3, recovery_cache=cache))
+
+
+
+def fallback_settings(trained_checkpoint, base_recipe, tmp_path, max_drop: float) -> CompressSettings:
+    """Static per-tensor INT8 of the tiny trained dual encoder, with the accuracy fallback on."""
+    checkpoint, data = trained_checkpoint
+    overrides = {
+        **FAST,
+        "prune.enabled": False,
+        "quantize.mode": "int8-static",
+        "quantize.per_channel": False,
+        "quantize.accuracy_fallback": True,
+        "validate.max_recall_drop": max_drop,
+        "validate.max_pairs": 64,
+    }
+    return CompressSettings(
+        checkpoint=checkpoint, out=tmp_path / "pkg", recipe=load_recipe(base_recipe, overrides), dataset=data,
+        calibration=calibration_toml(tmp_path, data), latency_runs=3,
+    )
+
+
+def test_accuracy_fallback_keeps_costly_nodes_float(trained_checkpoint, base_recipe, tmp_path):
+    # 64 pairs of 24 images: one image ranked out of the top 5 costs 4.17 points of recall@5.
+    settings = fallback_settings(trained_checkpoint, base_recipe, tmp_path, max_drop=4.5)
+    compress(settings)
+
+    manifest = json.loads((settings.out / "manifest.json").read_text())
+    quantization = manifest["compression"]["quantization"]
+    record = quantization["accuracy_fallback"]
+    assert record["metric"] == "text_to_image_recall@5"
+    assert record["baseline"] == pytest.approx(manifest["validation"]["before"]["text_to_image_recall@5"])
+    assert record["nodes_kept_float"], "the per-tensor image encoder should need nodes kept in float"
+    for graph in ("text_encoder", "image_encoder"):
+        attempts = quantization["graphs"][graph]["fallback"]["attempts"]
+        assert attempts[-1]["drop"] <= 4.5
+        assert set(attempts[-1]["nodes_kept_float"]) <= set(record["nodes_kept_float"])
+    assert len(quantization["graphs"]["image_encoder"]["fallback"]["attempts"]) > 1
+    # The runtime does not run a dual encoder's model.onnx, so it gets no fallback.
+    assert quantization["graphs"]["model"]["fallback"] is None
+    assert set(record["nodes_kept_float"]) <= set(quantization["graphs"]["image_encoder"]["nodes_excluded"]) | set(
+        quantization["graphs"]["text_encoder"]["nodes_excluded"]
+    )
+
+
+def test_accuracy_fallback_that_cannot_reach_the_limit_fails(trained_checkpoint, base_recipe, tmp_path):
+    settings = fallback_settings(trained_checkpoint, base_recipe, tmp_path, max_drop=0.0)
+    with pytest.raises(AccuracyError, match="kept in float"):
+        compress(settings)
+    assert not settings.out.exists()

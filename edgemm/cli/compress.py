@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from edgemm.cli.common import console, report_errors, write_json
@@ -128,4 +129,8 @@ def print_summary(result) -> None:
     latency = result.validation.get("latency", {})
     if latency.get("speedup"):
         console.print(f"Speed-up (p50, batch 1, {latency['threads']} thread): {latency['speedup']:.2f}x")
+    fallback = result.manifest.get("compression", {}).get("quantization", {}).get("accuracy_fallback")
+    if fallback and fallback["nodes_kept_float"]:
+        names = ", ".join(escape(name) for name in fallback["nodes_kept_float"])
+        console.print(f"Kept in float to hold {fallback['metric']} within {fallback['max_drop']:g} points: {names}")
     console.print(f"Validation passed on {result.validation.get('num_samples')} samples; package written to {result.package} in {result.seconds:.0f} s.")

@@ -158,33 +158,38 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
     stage("export the compressed model")
     student_graphs = _export_graphs(student, work / "student", student_inputs, recipe)
 
-    stage("quantize")
-    calibration_set = _calibration_set(settings, recipe, dataset)
-    final_graphs, records["quantization"] = _quantize_graphs(
-        student_graphs, work / "quantized", recipe, calibration_set, student_spec, checkpoint.vocab_path
-    )
-    if calibration_set is not None and recipe.get("quantize", "mode") == "int8-static":
-        records["calibration"] = calibration_set.to_dict()
-    records["export"] = {"opset": int(recipe.get("export", "opset", 18)), "exporter": recipe.get("export", "exporter", "dynamo")}
-
     limits = Limits(
         max_accuracy_drop=float(recipe.get("validate", "max_accuracy_drop", 1.0)),
         max_auc_drop=float(recipe.get("validate", "max_auc_drop", 0.01)),
         max_recall_drop=float(recipe.get("validate", "max_recall_drop", 2.0)),
     )
-    stage("validate")
     package_args = dict(
         architecture=architecture,
         input_spec=student_spec,
         vocab_path=checkpoint.vocab_path,
         labels=list(checkpoint.labels),
         opset=int(recipe.get("export", "opset", 18)),
-        precision=_precision(records["quantization"]),
+        precision="fp32",
         decision_threshold=None if kind == "dual_encoder" else threshold,
         logit_scale=_logit_scale(student),
         samples=_samples(val_records),
         source={"checkpoint": str(Path(settings.checkpoint).resolve()), "history": checkpoint.history},
     )
+
+    stage("quantize")
+    calibration_set = _calibration_set(settings, recipe, dataset)
+    fallback = None
+    if recipe.get("quantize", "accuracy_fallback", False):
+        fallback = _FallbackCheck(work / "fallback", student_graphs, package_args, val_set, reference, threshold, limits)
+    final_graphs, records["quantization"] = _quantize_graphs(
+        student_graphs, work / "quantized", recipe, calibration_set, student_spec, checkpoint.vocab_path, fallback
+    )
+    if calibration_set is not None and recipe.get("quantize", "mode") == "int8-static":
+        records["calibration"] = calibration_set.to_dict()
+    records["export"] = {"opset": int(recipe.get("export", "opset", 18)), "exporter": recipe.get("export", "exporter", "dynamo")}
+
+    stage("validate")
+    package_args["precision"] = _precision(records["quantization"])
     candidate = _write_package(work / "candidate", final_graphs, package_args, records, None)
     candidate_outputs = validation.run_package(candidate, val_set)
     report = validation.compare(val_set, reference, candidate_outputs, threshold, limits)
@@ -446,9 +451,48 @@ def _calibration_set(settings: CompressSettings, recipe: Recipe, dataset: Path):
     return CalibrationSet(source="dataset", path=dataset, split="train", size=128, selection="random", seed=0)
 
 
-def _quantize_graphs(graphs, folder: Path, recipe: Recipe, calibration_set, input_spec, vocab_path):
+class _FallbackCheck:
+    """The task metric of a package whose graph `graph` is replaced by a quantized candidate.
+
+    Used by `quantize.accuracy_fallback`: the metric is accuracy for fusion classifiers and
+    text-to-image recall@5 for dual encoders, measured through the runtime on the validation
+    split, against the original model's value. The other graphs of a dual encoder stay FP32
+    while one graph is tried. Graphs the runtime does not run (a dual encoder's model.onnx)
+    get no fallback.
+    """
+
+    def __init__(self, folder: Path, float_graphs, package_args, val_set, reference, threshold: float, limits: Limits):
+        from edgemm.compression import validate as validation
+
+        self.folder = folder
+        self.float_graphs = dict(float_graphs)
+        self.package_args = package_args
+        self.val_set = val_set
+        self.threshold = threshold
+        dual = package_args["architecture"] == "dual_encoder"
+        self.metric = "text_to_image_recall@5" if dual else "accuracy"
+        self.max_drop = limits.max_recall_drop if dual else limits.max_accuracy_drop
+        self.baseline = validation.task_metrics(val_set, reference, threshold)[self.metric]
+        self.graphs = RUNTIME_GRAPHS[package_args["architecture"]]
+        self._count = 0
+
+    def evaluate(self, graph: str, candidate: Path) -> float:
+        from edgemm.compression import validate as validation
+
+        self._count += 1
+        self.folder.mkdir(parents=True, exist_ok=True)
+        folder = self.folder / f"candidate-{self._count}"
+        package = _write_package(folder, {**self.float_graphs, graph: Path(candidate)}, self.package_args, {}, None)
+        outputs = validation.run_package(package, self.val_set)
+        return validation.task_metrics(self.val_set, outputs, self.threshold)[self.metric]
+
+
+def _quantize_graphs(graphs, folder: Path, recipe: Recipe, calibration_set, input_spec, vocab_path, fallback=None):
+    """Quantize every graph; with `fallback` (a _FallbackCheck), keep costly nodes in float
+    until the metric of each graph the runtime runs is within the limit."""
     from edgemm.compression.calibration import EdgemmCalibrationReader, graph_input_names
     from edgemm.compression.quantize import QuantizeConfig, quantize_model
+    from edgemm.compression.sensitivity import quantize_with_fallback
 
     section = recipe.section("quantize")
     section.pop("accuracy_fallback", None)
@@ -465,10 +509,22 @@ def _quantize_graphs(graphs, folder: Path, recipe: Recipe, calibration_set, inpu
                 calibration_set, graph_input_names(path), input_spec, vocab_path
             )
         target = folder / path.name
-        results[graph] = quantize_model(path, target, config, reader).to_dict()
+        if fallback is not None and graph in fallback.graphs:
+            result = quantize_with_fallback(
+                path, target, config, reader, lambda candidate, graph=graph: fallback.evaluate(graph, candidate),
+                max_drop=fallback.max_drop, baseline=fallback.baseline,
+            )
+            result.fallback["metric"] = fallback.metric
+        else:
+            result = quantize_model(path, target, config, reader)
+        results[graph] = result.to_dict()
         quantized[graph] = target
     first = next(iter(results.values()))
     record = {key: first[key] for key in ("mode", "precision", "per_channel", "op_types", "nodes_excluded", "calibration", "reduce_range", "weight_only")}
+    kept = sorted({node for result in results.values() for node in (result.get("fallback") or {}).get("nodes_kept_float", [])})
+    if fallback is not None:
+        record["accuracy_fallback"] = {"metric": fallback.metric, "baseline": fallback.baseline, "max_drop": fallback.max_drop, "nodes_kept_float": kept}
+        logger.info("Accuracy fallback: %d nodes kept in float: %s", len(kept), ", ".join(kept) or "none needed")
     record["graphs"] = results
     return quantized, record
 
