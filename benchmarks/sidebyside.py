@@ -707,6 +707,17 @@ class ModelSuite:
     # -- accuracy ----------------------------------------------------------------------------
 
     def measure_accuracy(self) -> None:
+        """Accuracy of every row on the validation split, on all cores: only latency needs one thread."""
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(cores)
+        try:
+            self._measure_accuracy(cores)
+        finally:
+            torch.set_num_threads(1)
+
+    def _measure_accuracy(self, cores: int) -> None:
         from edgemm.compression.validate import run_package, run_torch_model, task_metrics
 
         for row in self.rows:
@@ -717,7 +728,7 @@ class ModelSuite:
                 if isinstance(row.runner, TorchRunner):
                     outputs = run_torch_model(self.checkpoint.model, self.preprocessor, self.val_set)
                 elif isinstance(row.runner, OrtRunner):
-                    outputs = run_package(Path(row.build["package"]), self.val_set, threads=1)
+                    outputs = run_package(Path(row.build["package"]), self.val_set, threads=cores)
                 else:
                     outputs = self._openvino_outputs(row)
             except Exception as error:  # Record the failure on the row and go on with the others.

@@ -404,18 +404,33 @@ def test_cli_image_size_option(scenes, checkpoints, tmp_path):
 def test_recovery_cache_reuses_the_recovered_model(base_recipe, scenes, checkpoints, tmp_path):
     cache = tmp_path / "recovered"
     settings = {"prune.ratio": 0.3, "recover.steps": 3}
+
+    def stored(kind: str) -> list[Path]:
+        """The cache's FP32 exports of the original ("original-") or its recovered models ("")."""
+        return sorted(path for path in cache.iterdir() if path.name.startswith("original-") == (kind == "original-"))
+
     first = run_cached(base_recipe, checkpoints["concat_fusion"], tmp_path / "a", scenes, cache, **settings, **{"quantize.mode": "int8-dynamic"})
-    assert len(list(cache.iterdir())) == 1
+    assert len(stored("original-")) == 1 and len(stored("")) == 1
     assert "reused_from" not in first.manifest["compression"]["recover"]
 
-    # Another quantization mode needs no new recovery.
-    second = run_cached(base_recipe, checkpoints["concat_fusion"], tmp_path / "b", scenes, cache, **settings, **{"quantize.mode": "fp16"})
-    assert second.manifest["compression"]["recover"]["reused_from"] == str(next(cache.iterdir()))
+    # Another quantization mode needs no new recovery, export of the original or reference run.
+    stages = []
+    recipe = load_recipe(base_recipe, {**FAST, **settings, "quantize.mode": "fp16"})
+    second = compress(
+        CompressSettings(checkpoint=checkpoints["concat_fusion"], out=tmp_path / "b", recipe=recipe, dataset=scenes, latency_runs=3, recovery_cache=cache),
+        on_stage=stages.append,
+    )
+    assert second.manifest["compression"]["recover"]["reused_from"] == str(stored("")[0])
     assert second.manifest["compression"]["size"] == first.manifest["compression"]["size"]
+    assert second.validation["before"] == first.validation["before"]
+    assert not any(stage.startswith(("measure the original", "export the original", "prune")) for stage in stages), stages
 
-    # Another prune ratio does.
+    # Another prune ratio needs a new recovery, but not a new export of the original.
     run_cached(base_recipe, checkpoints["concat_fusion"], tmp_path / "c", scenes, cache, **{**settings, "prune.ratio": 0.5})
-    assert len(list(cache.iterdir())) == 2
+    assert len(stored("original-")) == 1 and len(stored("")) == 2
+    # Another opset needs a new export of the original.
+    run_cached(base_recipe, checkpoints["concat_fusion"], tmp_path / "d", scenes, cache, **{**settings, "export.opset": 17})
+    assert len(stored("original-")) == 2
 
 
 def run_cached(base_recipe: Path, checkpoint: Path, out: Path, dataset: Path, cache: Path, **overrides):

@@ -118,12 +118,19 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
     student_inputs = _example_inputs(student_preprocessor, val_records)
     logger.info("Validation: %d samples from split %r of %s", val_set.size, val_split, dataset)
 
-    stage("measure the original model")
-    reference = validation.run_torch_model(teacher, preprocessor, val_set)
+    original = _original_cache_folder(settings, recipe, checkpoint.input_spec, val_set)
+    if original is not None and (original / "reference.npz").is_file():
+        stage(f"load the original model's outputs and FP32 export from {original}")
+        reference = _load_outputs(original / "reference.npz")
+        baseline_graphs = {graph: original / name for graph, name in _graph_files(architecture).items()}
+    else:
+        stage("measure the original model")
+        reference = validation.run_torch_model(teacher, preprocessor, val_set)
+        stage("export the original model (FP32 baseline)")
+        baseline_graphs = _export_graphs(teacher, work / "baseline", example_inputs, recipe)
+        if original is not None:
+            _store_original(original, baseline_graphs, reference)
     profile_before = profile_model(teacher, example_inputs)
-
-    stage("export the original model (FP32 baseline)")
-    baseline_graphs = _export_graphs(teacher, work / "baseline", example_inputs, recipe)
 
     student = teacher
     records: dict[str, Any] = {"recipe": recipe.to_dict()}
@@ -222,6 +229,63 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
     )
 
 
+def _checkpoint_digest(folder: Path):
+    """A sha256 object fed with the checkpoint's config and weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        with open(folder / name, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest
+
+
+def _graph_files(architecture: str) -> dict[str, str]:
+    from edgemm.compression.package import GRAPH_FILES
+
+    return {graph: GRAPH_FILES[graph] for graph in GRAPHS_BY_ARCHITECTURE[architecture]}
+
+
+def _original_cache_folder(settings: CompressSettings, recipe: Recipe, input_spec, val_set) -> Path | None:
+    """Where `--recovery-cache` keeps the original model's FP32 export and validation outputs.
+
+    The key covers the checkpoint, the [export] section, the input spec, the validation set and
+    the edgemm version, so any change to them exports and measures again.
+    """
+    import dataclasses
+
+    from edgemm import __version__
+
+    if settings.recovery_cache is None:
+        return None
+    digest = _checkpoint_digest(Path(settings.checkpoint))
+    data = [val_set.kind, [str(image) for image in val_set.images], val_set.texts, val_set.labels, val_set.text_to_image]
+    spec = dataclasses.asdict(input_spec)
+    digest.update(json.dumps([__version__, recipe.section("export"), spec, data], sort_keys=True, default=str).encode())
+    return Path(settings.recovery_cache) / f"original-{digest.hexdigest()[:16]}"
+
+
+def _store_original(folder: Path, graphs: dict[str, Path], reference) -> None:
+    """Write the FP32 graphs and the reference outputs into `folder`, which appears complete or not at all."""
+    import shutil
+
+    from edgemm.io import atomic_directory
+
+    with atomic_directory(folder, overwrite=True) as scratch:
+        for path in graphs.values():
+            shutil.copy2(path, scratch / Path(path).name)
+        arrays = {name: value for name, value in vars(reference).items() if value is not None}
+        np.savez(scratch / "reference.npz", **arrays)
+
+
+def _load_outputs(path: Path):
+    from edgemm.compression.validate import ModelOutputs
+
+    with np.load(path, allow_pickle=False) as arrays:
+        return ModelOutputs(**{name: arrays[name] for name in arrays.files})
+
+
 def recovery_key(settings: CompressSettings, recipe: Recipe, dataset: Path, train_records: list[Record]) -> str:
     """Return a digest of everything the pruned and recovered model depends on.
 
@@ -229,16 +293,9 @@ def recovery_key(settings: CompressSettings, recipe: Recipe, dataset: Path, trai
     [input], [prune] and [recover] sections and the edgemm version. Quantization, export and
     validation settings are left out: changing them needs no new recovery.
     """
-    import hashlib
-
     from edgemm import __version__
 
-    digest = hashlib.sha256()
-    folder = Path(settings.checkpoint)
-    for name in ("config.json", "model.safetensors"):
-        with open(folder / name, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(block)
+    digest = _checkpoint_digest(Path(settings.checkpoint))
     sections = {name: recipe.section(name) for name in ("input", "prune", "recover")}
     inputs = [[str(record.image), record.text, record.label] for record in train_records]
     digest.update(json.dumps([__version__, sections, inputs], sort_keys=True, default=str).encode())
