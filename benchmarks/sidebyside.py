@@ -572,8 +572,8 @@ class ModelSuite:
         }
 
     def _package_feeds(self, package: Path, row: Row) -> dict[str, list[dict[str, np.ndarray]]]:
-        """The shared latency feeds, or the same records preprocessed with the package's own
-        input spec when it differs (a package served at a smaller image size)."""
+        """Return the shared latency feeds, or the same records preprocessed with the package's
+        own input spec when it differs (a package served at a smaller image size)."""
         from edgemm.runtime.manifest import read_manifest
         from edgemm.runtime.preprocess import Preprocessor
 
