@@ -351,6 +351,12 @@ def test_smaller_image_size_is_served_and_recorded(base_recipe, scenes, checkpoi
     result = model.predict(["a red circle"], [image])
     assert result.scores.shape == (1, 2)
 
+    shown = CliRunner().invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert any("image size after" in line and "48" in line for line in lines)
+    assert any("quantization per tower" in line and "int8-dynamic" in line for line in lines)
+
 
 def test_image_size_with_pruning_distils_from_full_size_teacher(base_recipe, scenes, checkpoints, tmp_path):
     out = tmp_path / "pkg"

@@ -577,7 +577,8 @@ def _quantize_graphs(graphs, folder: Path, recipe: Recipe, calibration_set, inpu
         results[graph] = result.to_dict()
         quantized[graph] = target
     first = next(iter(results.values()))
-    record = {key: first[key] for key in ("mode", "precision", "per_channel", "op_types", "nodes_excluded", "calibration", "reduce_range", "weight_only")}
+    keys = ("mode", "precision", "towers", "per_channel", "activation_type", "op_types", "nodes_excluded", "calibration", "reduce_range", "weight_only")
+    record = {key: first[key] for key in keys}
     kept = sorted({node for result in results.values() for node in (result.get("fallback") or {}).get("nodes_kept_float", [])})
     if fallback is not None:
         record["accuracy_fallback"] = {"metric": fallback.metric, "baseline": fallback.baseline, "max_drop": fallback.max_drop, "nodes_kept_float": kept}
