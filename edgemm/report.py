@@ -342,7 +342,8 @@ def _plot_scaling(plt: Any, entries: list[_Entry], machines: str) -> Any:
     batch_axis.set_title("Throughput against batch size")
     for axis in (threads_axis, batch_axis):
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        # Below the axes, so that the legend never hides a line.
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     figure.suptitle(machines, fontsize=10)
     return figure
 

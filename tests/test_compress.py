@@ -378,7 +378,7 @@ def test_image_size_larger_than_model_keeps_model_size(base_recipe, scenes, chec
 
 
 def test_image_size_below_minimum_is_rejected():
-    with pytest.raises(ConfigError, match="input.image_size=16"):
+    with pytest.raises(ConfigError, match="Invalid image size 16"):
         load_recipe(None, {"input.image_size": 16})
 
 
@@ -402,7 +402,7 @@ def test_cli_image_size_option(scenes, checkpoints, tmp_path):
 
     too_small = CliRunner().invoke(app, [*args, "--image-size", "16", "--out", str(tmp_path / "other")])
     assert too_small.exit_code != 0
-    assert "input.image_size=16" in too_small.output
+    assert "Invalid image size 16 (--image-size" in too_small.output
     assert "Traceback" not in too_small.output
     assert not (tmp_path / "other").exists()
 

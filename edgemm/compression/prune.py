@@ -869,10 +869,14 @@ def _check_shrinkage(session: PruningSession, reports: Mapping[str, PartReport],
                 "shrink usually means an attention module or bare parameter blocked it)."
             )
         if report.param_reduction < 0.5 * ratio:
-            messages.append(
-                f"{part}: parameters shrank by {report.param_reduction:.1%}, less than half the requested "
-                f"channel ratio {ratio}."
-            )
+            kept = [name for name in session.config.ignored_layers if name.startswith(part + ".")]
+            shrink = f"{part}: parameters shrank by {report.param_reduction:.1%}, less than half the requested channel ratio {ratio}"
+            if kept:
+                # Expected: the layers kept at full width (keep_residual keeps the embeddings and
+                # the residual width) hold most of the parameters.
+                logger.info("%s, because %d layers keep their full width (ignored_layers).", shrink, len(kept))
+            else:
+                messages.append(shrink + ".")
     return messages
 
 

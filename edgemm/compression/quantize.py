@@ -621,6 +621,29 @@ def _calibration_stride(reader: Any) -> int | None:
     return 1 if len(reader) > 0 else None
 
 
+class _AlreadyQuantizedFilter(logging.Filter):
+    """Drop onnxruntime's "already quantized" warning, which every mixed-mode run triggers.
+
+    edgemm quantizes the static nodes first and the dynamic ones in a second pass, on a graph
+    that then holds QDQ nodes; the warning (logged on the root logger) asks the user to check
+    for a quantization-aware-trained model, which does not apply.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please check if the model is already quantized")
+
+
+@contextlib.contextmanager
+def _without_already_quantized_warning() -> Iterator[None]:
+    root = logging.getLogger()
+    quiet = _AlreadyQuantizedFilter()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def _quantize_dynamic(
     source: Path, workdir: Path, nodes: list[str], model: Any, config: QuantizeConfig
 ) -> tuple[Path, list[str]]:
@@ -644,15 +667,16 @@ def _quantize_dynamic(
             continue
         target = workdir / f"dynamic_{index}.onnx"
         try:
-            quantize_dynamic(
-                str(current),
-                str(target),
-                op_types_to_quantize=list(config.op_types_for("int8-dynamic")),
-                nodes_to_quantize=group,
-                per_channel=group_per_channel,
-                reduce_range=config.reduce_range,
-                weight_type=_quant_type(config.weight_type),
-            )
+            with _without_already_quantized_warning():
+                quantize_dynamic(
+                    str(current),
+                    str(target),
+                    op_types_to_quantize=list(config.op_types_for("int8-dynamic")),
+                    nodes_to_quantize=group,
+                    per_channel=group_per_channel,
+                    reduce_range=config.reduce_range,
+                    weight_type=_quant_type(config.weight_type),
+                )
         except (ValueError, RuntimeError, TypeError, KeyError) as error:
             raise CompressionError(
                 f"Dynamic INT8 quantization failed: {type(error).__name__}: {error}",

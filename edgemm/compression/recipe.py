@@ -192,12 +192,13 @@ def _check_values(recipe: Recipe) -> None:
         if value is not None and not 0.0 < float(value) < 1.0:
             raise ConfigError(
                 f"Invalid prune ratio prune.{key}={value}: it must lie strictly between 0 and 1.",
-                "Use e.g. 0.3 to remove 30 % of the channels, or set prune.enabled = false to skip pruning.",
+                "Use e.g. 0.3 to remove 30 % of the channels, or skip pruning with --no-prune "
+                "(prune.enabled = false in a recipe).",
             )
     size = recipe.get("input", "image_size")
     if size is not None and size < MIN_IMAGE_SIZE:
         raise ConfigError(
-            f"Invalid input.image_size={size}: it must be at least {MIN_IMAGE_SIZE} pixels.",
+            f"Invalid image size {size} (--image-size, recipe key input.image_size): it must be at least {MIN_IMAGE_SIZE} pixels.",
             "Use the crop edge the compressed model should see, e.g. 192 for a model trained at 224.",
         )
     checks = [
