@@ -707,7 +707,7 @@ class ModelSuite:
     # -- accuracy ----------------------------------------------------------------------------
 
     def measure_accuracy(self) -> None:
-        """Accuracy of every row on the validation split, on all cores: only latency needs one thread."""
+        """Measure every row's accuracy on the validation split on all cores, because only latency needs one thread."""
         import torch
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

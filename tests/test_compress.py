@@ -328,7 +328,7 @@ def test_keep_work_saves_pruned_checkpoint(base_recipe, scenes, checkpoints, tmp
     assert (work / "student" / "model.onnx").is_file()
 
 
-def test_smaller_image_size_is_served_and_recorded(base_recipe, scenes, checkpoints, tmp_path):
+def test_image_size_served_and_recorded(base_recipe, scenes, checkpoints, tmp_path):
     from edgemm.runtime import load
 
     out = tmp_path / "pkg"
@@ -351,14 +351,14 @@ def test_smaller_image_size_is_served_and_recorded(base_recipe, scenes, checkpoi
     result = model.predict(["a red circle"], [image])
     assert result.scores.shape == (1, 2)
 
-    shown = CliRunner().invoke(app, ["inspect", str(out)])
-    assert shown.exit_code == 0, shown.output
-    lines = shown.output.splitlines()
+    inspected = CliRunner().invoke(app, ["inspect", str(out)])
+    assert inspected.exit_code == 0, inspected.output
+    lines = inspected.output.splitlines()
     assert any("image size after" in line and "48" in line for line in lines)
     assert any("quantization per tower" in line and "int8-dynamic" in line for line in lines)
 
 
-def test_image_size_with_pruning_distils_from_full_size_teacher(base_recipe, scenes, checkpoints, tmp_path):
+def test_image_size_with_pruning(base_recipe, scenes, checkpoints, tmp_path):
     out = tmp_path / "pkg"
     run(base_recipe, checkpoints["dual_encoder"], out, scenes, **{"prune.ratio": 0.3, "input.image_size": 40})
 
@@ -368,7 +368,7 @@ def test_image_size_with_pruning_distils_from_full_size_teacher(base_recipe, sce
     assert manifest["validation"]["passed"] is True
 
 
-def test_image_size_larger_than_model_keeps_model_size(base_recipe, scenes, checkpoints, tmp_path):
+def test_image_size_above_model_kept(base_recipe, scenes, checkpoints, tmp_path):
     out = tmp_path / "pkg"
     run(base_recipe, checkpoints["concat_fusion"], out, scenes, **{"prune.enabled": False, "input.image_size": 192})
 
@@ -377,7 +377,7 @@ def test_image_size_larger_than_model_keeps_model_size(base_recipe, scenes, chec
     assert "input" not in manifest["compression"]
 
 
-def test_image_size_below_minimum_is_rejected():
+def test_image_size_below_minimum():
     with pytest.raises(ConfigError, match="Invalid image size 16"):
         load_recipe(None, {"input.image_size": 16})
 
@@ -407,16 +407,19 @@ def test_cli_image_size_option(scenes, checkpoints, tmp_path):
     assert not (tmp_path / "other").exists()
 
 
-def test_recovery_cache_reuses_the_recovered_model(base_recipe, scenes, checkpoints, tmp_path):
+def test_recovery_cache_reuse(base_recipe, scenes, checkpoints, tmp_path):
     cache = tmp_path / "recovered"
     settings = {"prune.ratio": 0.3, "recover.steps": 3}
 
-    def stored(kind: str) -> list[Path]:
-        """The cache's FP32 exports of the original ("original-") or its recovered models ("")."""
-        return sorted(path for path in cache.iterdir() if path.name.startswith("original-") == (kind == "original-"))
+    def originals() -> list[Path]:
+        return sorted(path for path in cache.iterdir() if path.name.startswith("original-"))
+
+    def recovered_models() -> list[Path]:
+        return sorted(path for path in cache.iterdir() if not path.name.startswith("original-"))
 
     first = run_cached(base_recipe, checkpoints["concat_fusion"], tmp_path / "a", scenes, cache, **settings, **{"quantize.mode": "int8-dynamic"})
-    assert len(stored("original-")) == 1 and len(stored("")) == 1
+    assert len(originals()) == 1
+    assert len(recovered_models()) == 1
     assert "reused_from" not in first.manifest["compression"]["recover"]
 
     # Another quantization mode needs no new recovery, export of the original or reference run.
@@ -426,17 +429,18 @@ def test_recovery_cache_reuses_the_recovered_model(base_recipe, scenes, checkpoi
         CompressSettings(checkpoint=checkpoints["concat_fusion"], out=tmp_path / "b", recipe=recipe, dataset=scenes, latency_runs=3, recovery_cache=cache),
         on_stage=stages.append,
     )
-    assert second.manifest["compression"]["recover"]["reused_from"] == str(stored("")[0])
+    assert second.manifest["compression"]["recover"]["reused_from"] == str(recovered_models()[0])
     assert second.manifest["compression"]["size"] == first.manifest["compression"]["size"]
     assert second.validation["before"] == first.validation["before"]
     assert not any(stage.startswith(("measure the original", "export the original", "prune")) for stage in stages), stages
 
     # Another prune ratio needs a new recovery, but not a new export of the original.
     run_cached(base_recipe, checkpoints["concat_fusion"], tmp_path / "c", scenes, cache, **{**settings, "prune.ratio": 0.5})
-    assert len(stored("original-")) == 1 and len(stored("")) == 2
+    assert len(originals()) == 1
+    assert len(recovered_models()) == 2
     # Another opset needs a new export of the original.
     run_cached(base_recipe, checkpoints["concat_fusion"], tmp_path / "d", scenes, cache, **{**settings, "export.opset": 17})
-    assert len(stored("original-")) == 2
+    assert len(originals()) == 2
 
 
 def run_cached(base_recipe: Path, checkpoint: Path, out: Path, dataset: Path, cache: Path, **overrides):
@@ -463,7 +467,7 @@ def fallback_settings(trained_checkpoint, base_recipe, tmp_path, max_drop: float
     )
 
 
-def test_accuracy_fallback_keeps_costly_nodes_float(trained_checkpoint, base_recipe, tmp_path):
+def test_accuracy_fallback_keeps_nodes_float(trained_checkpoint, base_recipe, tmp_path):
     # 64 pairs of 24 images: one image ranked out of the top 5 costs 4.17 points of recall@5.
     settings = fallback_settings(trained_checkpoint, base_recipe, tmp_path, max_drop=4.5)
     compress(settings)
@@ -486,7 +490,7 @@ def test_accuracy_fallback_keeps_costly_nodes_float(trained_checkpoint, base_rec
     )
 
 
-def test_accuracy_fallback_that_cannot_reach_the_limit_fails(trained_checkpoint, base_recipe, tmp_path):
+def test_accuracy_fallback_unreachable_limit(trained_checkpoint, base_recipe, tmp_path):
     settings = fallback_settings(trained_checkpoint, base_recipe, tmp_path, max_drop=0.0)
     with pytest.raises(AccuracyError, match="kept in float"):
         compress(settings)

@@ -504,7 +504,7 @@ def test_fallback_limit_unreachable(tmp_path):
 
 
 def tiny_fusion_graph(scenes: Path, folder: Path):
-    """Export a tiny edgemm concat-fusion model; return the graph and a calibration reader for it."""
+    """Export a tiny edgemm concat-fusion model and return the graph with a calibration reader for it."""
     from edgemm.compression.calibration import graph_input_names
     from edgemm.compression.export_onnx import export_onnx
     from edgemm.models.checkpoint import load_checkpoint
@@ -560,7 +560,7 @@ def test_weight_only_int8(fusion_onnx, scenes, tmp_path):
     assert relative_error(run(fusion_onnx, feeds), run(out, feeds)) < 0.05
 
 
-def test_uint8_activations_turn_every_image_conv_into_qlinearconv(scenes, tmp_path, caplog):
+def test_uint8_image_convs_all_qlinear(scenes, tmp_path, caplog):
     """The x86 recipe's image-tower settings: no Conv may stay float between Q and DQ nodes."""
     path, reader = tiny_fusion_graph(scenes, tmp_path)
     image_ops = ["Conv", "Clip", "Relu", "Add", "GlobalAveragePool"]
@@ -573,7 +573,7 @@ def test_uint8_activations_turn_every_image_conv_into_qlinearconv(scenes, tmp_pa
 
     with caplog.at_level("WARNING"):
         mixed = quantize("mixed.onnx", ["MatMul", "Gather", *image_ops])
-    # The dynamic pass runs on a graph with QDQ nodes; onnxruntime's warning about
+    # The dynamic pass runs on a graph with QDQ nodes, so onnxruntime's warning about
     # quantization-aware training does not apply and is filtered out.
     assert not [record for record in caplog.records if "already quantized" in record.getMessage()]
     text_only = quantize("text.onnx", ["MatMul", "Gather"])

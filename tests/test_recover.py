@@ -344,8 +344,8 @@ def test_recover_rejects_unknown_frozen_part(scenes):
 
 @pytest.mark.parametrize("architecture", ("concat_fusion", "cross_attention"))
 @pytest.mark.parametrize("teacher_size", (None, 40))
-def test_cached_frozen_image_features_train_like_uncached(scenes, monkeypatch, architecture, teacher_size):
-    """Features of a frozen image tower are computed once; training must not notice."""
+def test_cached_image_features_match_uncached(scenes, monkeypatch, architecture, teacher_size):
+    """Features of a frozen image tower are computed once, and training must not change."""
     from edgemm.compression import recover as recovery
 
     teacher = confident_fusion_teacher(architecture)
@@ -375,7 +375,7 @@ def test_cached_frozen_image_features_train_like_uncached(scenes, monkeypatch, a
         assert torch.allclose(value, other, atol=1e-5), name
 
 
-def test_dual_encoder_matrix_pairing_takes_one_caption_per_image():
+def test_dual_matrix_pairing_one_caption():
     from edgemm.compression.recover import _prepare_records
     from edgemm.data.records import Record
 

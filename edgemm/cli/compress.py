@@ -36,7 +36,7 @@ def compress_command(
     text_ratio: Optional[float] = typer.Option(None, "--text-ratio", help="Prune ratio of the text tower (overrides prune.text_ratio)."),
     image_ratio: Optional[float] = typer.Option(None, "--image-ratio", help="Prune ratio of the image tower (overrides prune.image_ratio)."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Skip pruning and recovery."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Largest image edge in pixels the package is served with; a model trained smaller keeps its size (overrides input.image_size)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Largest image edge in pixels the package is served with. A model trained smaller keeps its size (overrides input.image_size)."),
     recover_epochs: Optional[int] = typer.Option(None, "--recover-epochs", help="Distillation epochs after pruning (overrides recover.epochs)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", "-q", help="Quantization mode: int8-static, int8-dynamic, fp16 or none (overrides quantize.mode)."),
     calibration_method: Optional[str] = typer.Option(None, "--calibration-method", help="Static INT8 calibration: minmax, entropy or percentile."),
@@ -132,5 +132,5 @@ def print_summary(result) -> None:
     fallback = result.manifest.get("compression", {}).get("quantization", {}).get("accuracy_fallback")
     if fallback and fallback["nodes_kept_float"]:
         names = ", ".join(escape(name) for name in fallback["nodes_kept_float"])
-        console.print(f"Kept in float to hold {fallback['metric']} within {fallback['max_drop']:g} points: {names}")
+        console.print(f"Kept in float to keep {fallback['metric']} within {fallback['max_drop']:g} points: {names}")
     console.print(f"Validation passed on {result.validation.get('num_samples')} samples; package written to {result.package} in {result.seconds:.0f} s.")

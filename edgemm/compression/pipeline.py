@@ -50,7 +50,7 @@ class CompressSettings:
     overwrite: bool = False
     keep_work: Path | None = None
     # Folder of pruned and recovered models, one per set of inputs that makes them (see
-    # `recovery_key`). A run whose inputs match a stored model loads it instead of recovering.
+    # `recovery_key`), and of the original's FP32 export. A matching entry is loaded, not rebuilt.
     recovery_cache: Path | None = None
     latency_threads: int = 1
     latency_runs: int = 30
@@ -118,7 +118,10 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
     student_inputs = _example_inputs(student_preprocessor, val_records)
     logger.info("Validation: %d samples from split %r of %s", val_set.size, val_split, dataset)
 
-    original = _original_cache_folder(settings, recipe, checkpoint.input_spec, val_set)
+    checkpoint_hash = _checkpoint_hash(Path(settings.checkpoint)) if settings.recovery_cache is not None else None
+    original = None
+    if checkpoint_hash is not None:
+        original = Path(settings.recovery_cache) / original_key(checkpoint_hash, recipe, checkpoint.input_spec, val_set)
     if original is not None and (original / "reference.npz").is_file():
         stage(f"load the original model's outputs and FP32 export from {original}")
         reference = _load_outputs(original / "reference.npz")
@@ -136,7 +139,10 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
     records: dict[str, Any] = {"recipe": recipe.to_dict()}
     if student_spec != checkpoint.input_spec:
         records["input"] = _input_record(checkpoint.input_spec, student_spec)
-    cached = _cached_student(settings, recipe, dataset, train_records)
+    recovered = None
+    if checkpoint_hash is not None and recipe.get("prune", "enabled", True) and _has_prune_ratio(recipe):
+        recovered = Path(settings.recovery_cache) / recovery_key(checkpoint_hash, recipe, train_records)
+    cached = _load_recovered(recovered)
     if cached is not None:
         stage(f"load the recovered model from {cached.folder}")
         student = cached.model.eval()
@@ -158,9 +164,8 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
     records["size"] = _profile_record(profile_before, profile_after)
     if settings.keep_work is not None and student is not teacher:
         _save_student(student, checkpoint, student_spec, Path(settings.keep_work) / "pruned-checkpoint", records)
-    if settings.recovery_cache is not None and student is not teacher and cached is None:
-        folder = Path(settings.recovery_cache) / recovery_key(settings, recipe, dataset, train_records)
-        _save_student(student, checkpoint, student_spec, folder, records)
+    if recovered is not None and cached is None:
+        _save_student(student, checkpoint, student_spec, recovered, records)
 
     stage("export the compressed model")
     student_graphs = _export_graphs(student, work / "student", student_inputs, recipe)
@@ -229,8 +234,8 @@ def _compress_in(work: Path, settings: CompressSettings, stage: StageCallback, s
     )
 
 
-def _checkpoint_digest(folder: Path):
-    """A sha256 object fed with the checkpoint's config and weights."""
+def _checkpoint_hash(folder: Path) -> str:
+    """Return the SHA-256 of a checkpoint's config and weights, the base of every cache key."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -238,32 +243,46 @@ def _checkpoint_digest(folder: Path):
         with open(folder / name, "rb") as stream:
             for block in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(block)
-    return digest
+    return digest.hexdigest()
+
+
+def _cache_key(prefix: str, *parts: Any) -> str:
+    import hashlib
+
+    from edgemm import __version__
+
+    text = json.dumps([__version__, *parts], sort_keys=True, default=str)
+    return prefix + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def original_key(checkpoint_hash: str, recipe: Recipe, input_spec, val_set) -> str:
+    """Return the cache folder name of the original model's FP32 export and validation outputs.
+
+    The key covers the checkpoint, the [export] section, the input spec, the validation set and
+    the edgemm version, so a change to any of them exports and measures again.
+    """
+    import dataclasses
+
+    data = [val_set.kind, [str(image) for image in val_set.images], val_set.texts, val_set.labels, val_set.text_to_image]
+    return _cache_key("original-", checkpoint_hash, recipe.section("export"), dataclasses.asdict(input_spec), data)
+
+
+def recovery_key(checkpoint_hash: str, recipe: Recipe, train_records: list[Record]) -> str:
+    """Return the cache folder name of a pruned and recovered model.
+
+    The key covers the checkpoint, the training records, the recipe's [input], [prune] and
+    [recover] sections and the edgemm version. Quantization, export and validation settings are
+    left out, because changing them needs no new recovery.
+    """
+    sections = {name: recipe.section(name) for name in ("input", "prune", "recover")}
+    inputs = [[str(record.image), record.text, record.label] for record in train_records]
+    return _cache_key("", checkpoint_hash, sections, inputs)
 
 
 def _graph_files(architecture: str) -> dict[str, str]:
     from edgemm.compression.package import GRAPH_FILES
 
     return {graph: GRAPH_FILES[graph] for graph in GRAPHS_BY_ARCHITECTURE[architecture]}
-
-
-def _original_cache_folder(settings: CompressSettings, recipe: Recipe, input_spec, val_set) -> Path | None:
-    """Where `--recovery-cache` keeps the original model's FP32 export and validation outputs.
-
-    The key covers the checkpoint, the [export] section, the input spec, the validation set and
-    the edgemm version, so any change to them exports and measures again.
-    """
-    import dataclasses
-
-    from edgemm import __version__
-
-    if settings.recovery_cache is None:
-        return None
-    digest = _checkpoint_digest(Path(settings.checkpoint))
-    data = [val_set.kind, [str(image) for image in val_set.images], val_set.texts, val_set.labels, val_set.text_to_image]
-    spec = dataclasses.asdict(input_spec)
-    digest.update(json.dumps([__version__, recipe.section("export"), spec, data], sort_keys=True, default=str).encode())
-    return Path(settings.recovery_cache) / f"original-{digest.hexdigest()[:16]}"
 
 
 def _store_original(folder: Path, graphs: dict[str, Path], reference) -> None:
@@ -286,30 +305,11 @@ def _load_outputs(path: Path):
         return ModelOutputs(**{name: arrays[name] for name in arrays.files})
 
 
-def recovery_key(settings: CompressSettings, recipe: Recipe, dataset: Path, train_records: list[Record]) -> str:
-    """Return a digest of everything the pruned and recovered model depends on.
-
-    That is the checkpoint's config and weights, the training records, the recipe's
-    [input], [prune] and [recover] sections and the edgemm version. Quantization, export and
-    validation settings are left out: changing them needs no new recovery.
-    """
-    from edgemm import __version__
-
-    digest = _checkpoint_digest(Path(settings.checkpoint))
-    sections = {name: recipe.section(name) for name in ("input", "prune", "recover")}
-    inputs = [[str(record.image), record.text, record.label] for record in train_records]
-    digest.update(json.dumps([__version__, sections, inputs], sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
-
-
-def _cached_student(settings: CompressSettings, recipe: Recipe, dataset: Path, train_records: list[Record]):
-    """Load the recovered model stored for these inputs in `settings.recovery_cache`, if any."""
+def _load_recovered(folder: Path | None):
+    """Load the pruned and recovered model stored in `folder`, or return None when there is none."""
     from edgemm.models.checkpoint import load_checkpoint
 
-    if settings.recovery_cache is None or not (recipe.get("prune", "enabled", True) and _has_prune_ratio(recipe)):
-        return None
-    folder = Path(settings.recovery_cache) / recovery_key(settings, recipe, dataset, train_records)
-    if not (folder / "config.json").is_file():
+    if folder is None or not (folder / "config.json").is_file():
         return None
     logger.info("Reusing the pruned and recovered model in %s", folder)
     cached = load_checkpoint(folder)
@@ -419,7 +419,7 @@ def _frozen_parts(prune_config: Any) -> tuple[str, ...]:
 
 
 def _recover_only(teacher, recipe, train_records, preprocessor, stage, teacher_preprocessor):
-    """Distil an unpruned copy served at a smaller image size; both towers stay frozen."""
+    """Distil an unpruned copy served at a smaller image size. Both towers stay frozen."""
     import copy
 
     from edgemm.compression import recover as recovery
@@ -509,11 +509,11 @@ def _calibration_set(settings: CompressSettings, recipe: Recipe, dataset: Path):
 
 
 class _FallbackCheck:
-    """The task metric of a package whose graph `graph` is replaced by a quantized candidate.
+    """Scorer of quantized candidates for `quantize.accuracy_fallback`.
 
-    Used by `quantize.accuracy_fallback`: the metric is accuracy for fusion classifiers and
-    text-to-image recall@5 for dual encoders, measured through the runtime on the validation
-    split, against the original model's value. The other graphs of a dual encoder stay FP32
+    `evaluate(graph, candidate)` puts the candidate in place of one graph and measures the task
+    metric through the runtime on the validation split: accuracy for fusion classifiers,
+    text-to-image recall@5 for dual encoders. `baseline` is the original model's value. The other graphs of a dual encoder stay FP32
     while one graph is tried. Graphs the runtime does not run (a dual encoder's model.onnx)
     get no fallback.
     """
@@ -545,8 +545,11 @@ class _FallbackCheck:
 
 
 def _quantize_graphs(graphs, folder: Path, recipe: Recipe, calibration_set, input_spec, vocab_path, fallback=None):
-    """Quantize every graph; with `fallback` (a _FallbackCheck), keep costly nodes in float
-    until the metric of each graph the runtime runs is within the limit."""
+    """Quantize every graph and return the quantized paths with the manifest's record.
+
+    With `fallback` (a _FallbackCheck), nodes that cost accuracy are kept in float until the
+    metric of each graph the runtime runs is within the limit.
+    """
     from edgemm.compression.calibration import EdgemmCalibrationReader, graph_input_names
     from edgemm.compression.quantize import QuantizeConfig, quantize_model
     from edgemm.compression.sensitivity import quantize_with_fallback
@@ -579,10 +582,17 @@ def _quantize_graphs(graphs, folder: Path, recipe: Recipe, calibration_set, inpu
     first = next(iter(results.values()))
     keys = ("mode", "precision", "towers", "per_channel", "activation_type", "op_types", "nodes_excluded", "calibration", "reduce_range", "weight_only")
     record = {key: first[key] for key in keys}
-    kept = sorted({node for result in results.values() for node in (result.get("fallback") or {}).get("nodes_kept_float", [])})
     if fallback is not None:
-        record["accuracy_fallback"] = {"metric": fallback.metric, "baseline": fallback.baseline, "max_drop": fallback.max_drop, "nodes_kept_float": kept}
-        logger.info("Accuracy fallback: %d nodes kept in float: %s", len(kept), ", ".join(kept) or "none needed")
+        kept_float = sorted(
+            {node for result in results.values() for node in (result.get("fallback") or {}).get("nodes_kept_float", [])}
+        )
+        record["accuracy_fallback"] = {
+            "metric": fallback.metric,
+            "baseline": fallback.baseline,
+            "max_drop": fallback.max_drop,
+            "nodes_kept_float": kept_float,
+        }
+        logger.info("Accuracy fallback: %d nodes kept in float: %s", len(kept_float), ", ".join(kept_float) or "none needed")
     record["graphs"] = results
     return quantized, record
 
@@ -650,7 +660,7 @@ def _graph_feeds(path: Path, preprocessor, records: list[Record]) -> dict[str, n
 def _latency_record(baseline_graphs, final_graphs, architecture, preprocessors, records, settings) -> dict[str, Any]:
     """p50 latency (ms) of one inference at batch 1 for the FP32 original and the package, graph by graph.
 
-    `preprocessors` holds the original's and the package's preprocessing, which differ when the
+    `preprocessors` contains the original's and the package's preprocessing, which differ when the
     package is served at a smaller image size.
     """
     original, compressed = preprocessors

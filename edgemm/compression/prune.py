@@ -869,12 +869,12 @@ def _check_shrinkage(session: PruningSession, reports: Mapping[str, PartReport],
                 "shrink usually means an attention module or bare parameter blocked it)."
             )
         if report.param_reduction < 0.5 * ratio:
-            kept = [name for name in session.config.ignored_layers if name.startswith(part + ".")]
+            full_width = [name for name in session.config.ignored_layers if name.startswith(part + ".")]
             shrink = f"{part}: parameters shrank by {report.param_reduction:.1%}, less than half the requested channel ratio {ratio}"
-            if kept:
+            if full_width:
                 # Expected: the layers kept at full width (keep_residual keeps the embeddings and
-                # the residual width) hold most of the parameters.
-                logger.info("%s, because %d layers keep their full width (ignored_layers).", shrink, len(kept))
+                # the residual width) contain most of the parameters.
+                logger.info("%s, because %d layers keep their full width (ignored_layers).", shrink, len(full_width))
             else:
                 messages.append(shrink + ".")
     return messages

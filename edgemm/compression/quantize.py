@@ -625,8 +625,8 @@ class _AlreadyQuantizedFilter(logging.Filter):
     """Drop onnxruntime's "already quantized" warning, which every mixed-mode run triggers.
 
     edgemm quantizes the static nodes first and the dynamic ones in a second pass, on a graph
-    that then holds QDQ nodes; the warning (logged on the root logger) asks the user to check
-    for a quantization-aware-trained model, which does not apply.
+    that then contains QDQ nodes. The warning, logged on the root logger, suggests a
+    quantization-aware-trained model as the cause, which does not apply.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -67,7 +67,7 @@ class RecoverConfig:
     image and scores every text of a batch with every image of it. A batch of B images then
     gives B * B distilled pairs for the cost of B tower passes. With five captions per image
     that is about 10x less tower work per epoch, which real towers on a CPU need. Dual encoders
-    always contrast in-batch pairs; with "matrix" they also take one caption per image.
+    always contrast in-batch pairs, and with "matrix" they also take one caption per image.
     `frozen_parts` names submodules (e.g. "image_tower") that stay fixed:
     a tower that was not pruned needs no recovery, and freezing it skips its backward pass.
     """
@@ -178,6 +178,14 @@ def _pool_image(features: torch.Tensor) -> torch.Tensor:
     return features if features.dim() == 2 else features.mean(dim=1)
 
 
+def _tower_features(model: nn.Module, input_ids, attention_mask, pixel_values, image_feats=None):
+    """Run both towers, or only the text tower when a frozen image tower's features are given."""
+    text_feats = model.text_features(input_ids, attention_mask)
+    if image_feats is None:
+        image_feats = model.image_features(pixel_values)
+    return text_feats, image_feats
+
+
 class _StudentStep(nn.Module):
     """One forward pass of a model through its three steps, so DDP can wrap it as one module.
 
@@ -191,9 +199,7 @@ class _StudentStep(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, image_feats=None):
-        text_feats = self.model.text_features(input_ids, attention_mask)
-        if image_feats is None:
-            image_feats = self.model.image_features(pixel_values)
+        text_feats, image_feats = _tower_features(self.model, input_ids, attention_mask, pixel_values, image_feats)
         output = self.model.head(text_feats, attention_mask, image_feats)
         pooled_text = _pool_text(text_feats, attention_mask)
         pooled_image = _pool_image(image_feats)
@@ -266,9 +272,7 @@ class _MatrixStep(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, image_feats=None):
-        text_feats = self.model.text_features(input_ids, attention_mask)
-        if image_feats is None:
-            image_feats = self.model.image_features(pixel_values)
+        text_feats, image_feats = _tower_features(self.model, input_ids, attention_mask, pixel_values, image_feats)
         size = input_ids.shape[0]
         text_index = torch.arange(size).repeat_interleave(size)
         image_index = torch.arange(size).repeat(size)
@@ -395,8 +399,8 @@ def _batches(dataset, config: RecoverConfig, context: DistributedContext, epoch:
 
 
 # Datasets whose preprocessed images fit in this many bytes are decoded once and kept in memory.
-# 1 GiB holds Flickr8k-1k's 875 training images at both 192 and 224 pixels (student and
-# teacher), which a dual-encoder recovery at a smaller image size needs.
+# 1 GiB fits 875 training images at both 192 and 224 pixels (student and teacher), which a
+# dual-encoder recovery on the Flickr8k subset at a smaller image size needs.
 CACHE_LIMIT_BYTES = 1024**3
 
 
@@ -458,7 +462,7 @@ def _cache_frozen_image_features(dataset: _CachedPairs, student: nn.Module, teac
 
     A frozen image tower in eval mode gives the same features for an image every epoch, so
     they are computed once instead of twice per step (student and teacher). When the student
-    sees the teacher's pixels and its image tower has the teacher's weights, one pass serves both.
+    gets the teacher's pixels and its image tower has the teacher's weights, one pass serves both.
     """
     items = dataset.items
     student.image_tower.eval()
@@ -580,7 +584,7 @@ def recover(
     `dataset_records` are captions (pairs are built from them) or labelled pairs;
     `preprocessor` is the `edgemm.runtime.preprocess.Preprocessor` of the student's input spec.
     `teacher_preprocessor` is the teacher's, when it differs (a student served at a smaller
-    image size); by default the teacher sees the student's inputs.
+    image size). By default the teacher gets the student's inputs.
     `progress("recover", step, total_steps)` is called after every optimizer step on rank 0.
     Under torchrun, returns the result on rank 0 and None on the other ranks.
     """

@@ -80,7 +80,7 @@ def collate(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int = 0) -> 
     """Stack `PairDataset` items into a batch; texts are right-padded to the longest in the batch.
 
     Returns `input_ids` and `attention_mask` (int64 [B, L]), `pixel_values` (float32
-    [B, 3, H, W]) and `label` (int64 [B]). Any other tensor the items hold is stacked under its
+    [B, 3, H, W]) and `label` (int64 [B]). Any other tensor the items contain is stacked under its
     own key (recovery adds the teacher's pixels and cached features). Padding positions get
     `pad_token_id` and mask 0.
     """
