@@ -25,8 +25,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     `mkstemp` uses, so a package copied to a device stays readable by other users.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise EdgemmError(f"Cannot write {path}: {error.strerror}.", "Choose a writable output path.") from error
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

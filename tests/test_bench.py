@@ -521,3 +521,13 @@ def test_baseline_listed_twice_measured_once(packages, monkeypatch):
     assert [package["name"] for package in result["packages"]] == ["tiny-fp32"]
     assert result["packages"][0]["baseline"]
     assert result["packages"][0]["results"][0]["speedup_vs_baseline"] == 1.0
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc, where no file can be created")
+def test_output_in_proc_fails_before_measuring(tmp_path):
+    # os.access reports /proc writable for root, so only a probe file shows the truth.
+    outcome = _invoke("bench", tmp_path / "no-such-package", "--out", "/proc/results.json")
+
+    assert outcome.exit_code != 0
+    assert "Output folder /proc is not writable" in outcome.output
+    assert "Traceback" not in outcome.output

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
 from edgemm.errors import EdgemmError
-from edgemm.io import atomic_directory, atomic_write_text, resolve_inside
+from edgemm.io import atomic_directory, atomic_write_bytes, atomic_write_text, resolve_inside
 
 
 def mode_of(path) -> int:
@@ -61,3 +62,9 @@ def test_resolve_inside_rejects_escape(tmp_path):
         resolve_inside(tmp_path, "../etc/passwd")
     with pytest.raises(EdgemmError, match="outside"):
         resolve_inside(tmp_path, "/etc/passwd")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc, where no file can be created")
+def test_write_into_unwritable_folder_names_path():
+    with pytest.raises(EdgemmError, match="Cannot write /proc/results.json"):
+        atomic_write_bytes(Path("/proc/results.json"), b"{}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -90,6 +91,12 @@ def check_output_writable(path: Path) -> None:
         raise InputError(f"Cannot create the output folder {folder}: {error.strerror}.", "Choose a writable --out path.") from error
     if not os.access(folder, os.W_OK):
         raise InputError(f"Output folder {folder} is not writable.", "Choose a writable --out path.")
+    # os.access trusts permission bits, which root passes even where the file system rejects
+    # new files (/proc, read-only mounts), so create and remove a probe file as well.
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise InputError(f"Output folder {folder} is not writable: {error.strerror}.", "Choose a writable --out path.") from error
 
 
 def count_progress_steps(config: BenchConfig) -> int:
